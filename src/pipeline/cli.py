@@ -1,0 +1,88 @@
+"""`pipeline <stage> ...`: the single entry point. Dispatches by stage name to `stages/<stage>.py`.
+
+Stage modules are imported lazily so `pipeline --help` answers without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+# stage name -> (module holding `main(argv)`, one-line description). Only implemented stages are listed.
+STAGES: dict[str, tuple[str, str]] = {
+    "tiny-model": (
+        "pipeline.tiny",
+        "Build the offline tiny tokenizer + random causal LM (no hub needed) into --output_dir.",
+    ),
+    "synthetic-data": (
+        "pipeline.tasks.synthetic",
+        "Export the shipped synthetic code task as SFT, preference-pair and reward-keyed code-RL parquet.",
+    ),
+    "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
+    "generate": (
+        "pipeline.stages.generate",
+        "Greedy answers of a saved model (or LoRA adapter) to chat prompts.",
+    ),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in STAGES)
+    lines = [
+        f"pipeline {__version__}: LLM post-training stages driven by YAML recipes.",
+        "",
+        "usage: pipeline <stage> [--config recipe.yaml] [--field value ...]",
+        "       pipeline <stage> --help      # every field of that stage, with its default",
+        "",
+        "stages:",
+    ]
+    lines += [f"  {name:<{width}}  {help_line}" for name, (_, help_line) in STAGES.items()]
+    lines += [
+        "",
+        "A recipe is one flat YAML file whose keys are the stage's config fields (TRL's config dataclasses plus",
+        "ours); values in the YAML are defaults and command-line flags override them.",
+    ]
+    return "\n".join(lines)
+
+
+def run_stage(stage: str, argv: list[str]):
+    """Import the stage's module and call its `main(argv)`; returns whatever the stage returns."""
+    module_name, _ = STAGES[stage]
+    return importlib.import_module(module_name).main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        print(
+            f"pipeline: error: unknown stage '{stage}'{hint} (run `pipeline --help` for the list)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        run_stage(stage, rest)
+    except PipelineError as err:
+        print(f"pipeline {stage}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"pipeline {stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Our config dataclasses (thin subclasses of TRL's) and the recipe parser every stage uses.
+
+A recipe is one flat YAML mapping whose keys are fields of the stage's dataclasses. `RecipeParser` is TRL's
+`TrlParser` (YAML values become defaults, CLI flags override them, an `env:` mapping is exported) plus the
+checks a user needs before hours of compute start: unknown keys are errors naming the file and the closest
+valid field, values are type-checked, and every problem is one line (a `PipelineError`) instead of a
+traceback or a screen of argparse usage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import yaml
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class DataArguments(ScriptArguments):
+    """TRL's `ScriptArguments` plus local data files (parquet/jsonl/json), which is how our stages exchange data."""
+
+    train_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: a parquet/jsonl/json file, a glob, a comma-separated list, or a folder of "
+            "such files. Takes precedence over `dataset_name`."
+        },
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation data, same forms as `train_data`. Evaluation is skipped when absent."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only the first N training rows (after shuffling with `seed`). Default: all rows."
+        },
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N evaluation rows. Default: all rows."}
+    )
+
+
+def _strip_optional(tp: Any) -> tuple[Any, tuple]:
+    """Return (base type, union members) of an annotation such as `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        return (members[0] if len(members) == 1 else None), members
+    return tp, (tp,)
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_value(key: str, annotation: Any, value: Any) -> str | None:
+    """Return an error text if `value` (from YAML) cannot be a value of the field's annotation, else None."""
+    if value is None:
+        return None
+    base, members = _strip_optional(annotation)
+    if base is None:  # a real union: `SchedulerType | str` is still an enum; `dict | str` accepts anything
+        enums = [m for m in members if isinstance(m, type) and issubclass(m, Enum)]
+        if not enums:
+            return None
+        base = enums[0]
+    origin = typing.get_origin(base)
+    if base is bool:
+        if isinstance(value, bool) or (
+            isinstance(value, str) and value.lower() in ("true", "false", "yes", "no")
+        ):
+            return None
+        return f"'{key}' must be true or false, got {_describe(value)}"
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if isinstance(value, str):
+            try:
+                int(value)
+                return None
+            except ValueError:
+                pass
+        return f"'{key}' must be an integer, got {_describe(value)}"
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if isinstance(value, str):
+            try:
+                float(value)
+                return None
+            except ValueError:
+                pass
+        return f"'{key}' must be a number, got {_describe(value)}"
+    if isinstance(base, type) and issubclass(base, Enum):
+        allowed = [e.value for e in base]
+        if value in allowed or str(value) in [str(a) for a in allowed]:
+            return None
+        return f"'{key}' must be one of {allowed}, got {value!r}"
+    if origin is typing.Literal:
+        allowed = typing.get_args(base)
+        if value in allowed:
+            return None
+        return f"'{key}' must be one of {list(allowed)}, got {value!r}"
+    if base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return None
+        return f"'{key}' must be a string, got {_describe(value)}"
+    if origin is list and isinstance(value, dict):
+        return f"'{key}' must be a list, got a mapping"
+    return None
+
+
+class RecipeParser(TrlParser):
+    """`TrlParser` with one-line errors, unknown-key suggestions and YAML type checks."""
+
+    def __init__(self, dataclass_types, prog: str, **kwargs):
+        super().__init__(dataclass_types, prog=prog, **kwargs)
+        self._annotations: dict[str, Any] = {}
+        for dc in self.dataclass_types:
+            hints = typing.get_type_hints(dc)
+            for f in dataclasses.fields(dc):
+                if f.init:
+                    self._annotations[f.name] = hints.get(f.name, f.type)
+
+    # argparse calls error() for bad flags/values; it normally prints the whole usage and exits.
+    def error(self, message: str):
+        raise PipelineError(f"{message} (see `{self.prog} --help`)")
+
+    def valid_keys(self) -> list[str]:
+        return [a.dest for a in self._actions if a.dest not in ("help", "config")]
+
+    def _unknown(self, key: str, where: str) -> PipelineError:
+        close = difflib.get_close_matches(key, self.valid_keys(), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return PipelineError(f"{where}: unknown key '{key}'{hint} (see `{self.prog} --help` for every field)")
+
+    def load_recipe(self, path: str) -> dict[str, Any]:
+        """Read, validate and return a recipe mapping (the `env:` entry included, untouched)."""
+        if not os.path.isfile(path):
+            raise PipelineError(f"{path}: recipe file not found")
+        try:
+            with open(path) as fh:
+                recipe = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise PipelineError(f"{path}: invalid YAML{where}: {problem}") from None
+        except OSError as err:
+            raise PipelineError(f"{path}: cannot read recipe: {err.strerror}") from None
+        if recipe is None:
+            recipe = {}
+        if not isinstance(recipe, dict):
+            raise PipelineError(
+                f"{path}: a recipe must be a YAML mapping of field: value, got {type(recipe).__name__}"
+            )
+        env = recipe.get("env", {})
+        if not isinstance(env, dict):
+            raise PipelineError(f"{path}: 'env' must be a mapping of VARIABLE: value")
+        valid = set(self.valid_keys())
+        for key, value in recipe.items():
+            if key == "env":
+                continue
+            if key not in valid:
+                raise self._unknown(str(key), path)
+            problem = check_value(key, self._annotations.get(key), value)
+            if problem:
+                raise PipelineError(f"{path}: {problem}")
+        return recipe
+
+    def _default_bf16_to_hardware(self, args: list[str]) -> None:
+        """TRL turns bf16 on whenever it is not set, which fails on a CPU or pre-Ampere GPU.
+
+        When neither the recipe nor the command line sets `bf16`, use it only where the hardware has it.
+        """
+        action = next((a for a in self._actions if a.dest == "bf16"), None)
+        if action is None or action.default is not None or any(a.split("=")[0] == "--bf16" for a in args):
+            return
+        import torch
+
+        action.default = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+    def parse(self, argv: list[str] | None) -> tuple:
+        """Parse `[--config recipe.yaml] [--field value ...]` into the dataclasses, in declaration order."""
+        args = list(argv or [])
+        recipe: dict[str, Any] = {}
+        for i, arg in enumerate(args):
+            if arg == "--config" or arg.startswith("--config="):
+                if arg == "--config":
+                    if i + 1 >= len(args):
+                        raise PipelineError("--config needs a path to a YAML recipe")
+                    path = args[i + 1]
+                    del args[i : i + 2]
+                else:
+                    path = arg.split("=", 1)[1]
+                    del args[i]
+                recipe = self.load_recipe(path)
+                break
+        for key, value in (recipe.pop("env", None) or {}).items():
+            os.environ[str(key)] = str(value)
+        self.set_defaults_with_config(**recipe)
+        self._default_bf16_to_hardware(args)
+        try:
+            # fail on unknown flags ourselves so the message can suggest the closest field
+            *parsed, remaining = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        except PipelineError:
+            raise
+        except (ValueError, TypeError) as err:  # dataclass __post_init__ validation (TRL/transformers)
+            raise PipelineError(str(err).strip().splitlines()[0]) from None
+        flags = [r for r in remaining if r.startswith("--")]
+        if flags:
+            raise self._unknown(flags[0][2:].split("=")[0], "command line")
+        if remaining:
+            raise PipelineError(f"unexpected argument '{remaining[0]}' (see `{self.prog} --help`)")
+        return tuple(parsed)
+
+
+def parse_stage_args(dataclass_types: tuple, argv: list[str] | None, stage: str) -> tuple:
+    """Parse a stage's recipe + flags into instances of `dataclass_types`."""
+    return RecipeParser(dataclass_types, prog=f"pipeline {stage}").parse(argv)
+
+
+__all__ = ["DataArguments", "ModelConfig", "RecipeParser", "check_value", "parse_stage_args"]

@@ -1,0 +1,124 @@
+"""Data I/O shared by every stage: resolve file specs, load parquet/jsonl into `datasets`, write atomically."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+
+    from pipeline.configs import DataArguments
+
+# file suffix -> `datasets` builder name
+FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+def resolve_files(spec: str, what: str = "data") -> list[str]:
+    """Expand a file, folder, glob or comma-separated list into a sorted list of data files.
+
+    Raises a one-line `PipelineError` naming the spec when nothing usable is found.
+    """
+    files: list[str] = []
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        if os.path.isdir(part):
+            found = sorted(str(p) for p in Path(part).iterdir() if p.suffix in FORMATS and p.is_file())
+            if not found:
+                raise PipelineError(f"{what}: folder '{part}' holds no .parquet/.jsonl/.json files")
+            files += found
+        elif any(ch in part for ch in "*?["):
+            found = sorted(glob.glob(part))
+            if not found:
+                raise PipelineError(f"{what}: no file matches '{part}'")
+            files += found
+        elif os.path.isfile(part):
+            files.append(part)
+        else:
+            raise PipelineError(f"{what}: file not found: '{part}'")
+    if not files:
+        raise PipelineError(f"{what}: empty file list '{spec}'")
+    suffixes = {Path(f).suffix for f in files}
+    bad = [f for f in files if Path(f).suffix not in FORMATS]
+    if bad:
+        raise PipelineError(f"{what}: '{bad[0]}' is not .parquet, .jsonl or .json")
+    if len({FORMATS[s] for s in suffixes}) > 1:
+        raise PipelineError(
+            f"{what}: mixes parquet and json files ({', '.join(sorted(suffixes))}); use one format"
+        )
+    return files
+
+
+def load_files(spec: str, what: str = "data") -> datasets.Dataset:
+    """Load parquet/jsonl/json files into one `datasets.Dataset` (read through the local cache only)."""
+    import datasets
+
+    files = resolve_files(spec, what)
+    builder = FORMATS[Path(files[0]).suffix]
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # pyarrow/json decode errors: report which file, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{what}: cannot read {files[0] if len(files) == 1 else spec}: {first}") from None
+    if len(ds) == 0:
+        raise PipelineError(f"{what}: '{spec}' has no rows")
+    return ds
+
+
+def load_train_eval(args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Training and (optional) evaluation datasets from `train_data`/`eval_data` or a `datasets` name."""
+    if args.train_data:
+        train = load_files(args.train_data, "train_data")
+        evaluation = load_files(args.eval_data, "eval_data") if args.eval_data else None
+    elif args.dataset_name:
+        import datasets
+
+        if os.path.exists(args.dataset_name):  # a local file or folder given as dataset_name
+            train = load_files(args.dataset_name, "dataset_name")
+            evaluation = load_files(args.eval_data, "eval_data") if args.eval_data else None
+        else:
+            try:
+                loaded = datasets.load_dataset(args.dataset_name, name=args.dataset_config)
+            except Exception as err:
+                raise PipelineError(
+                    f"dataset_name '{args.dataset_name}': cannot load: {str(err).splitlines()[0]}"
+                ) from None
+            if args.dataset_train_split not in loaded:
+                raise PipelineError(
+                    f"dataset_name '{args.dataset_name}' has no split '{args.dataset_train_split}' "
+                    f"(splits: {', '.join(loaded)}); set dataset_train_split"
+                )
+            train = loaded[args.dataset_train_split]
+            evaluation = loaded.get(args.dataset_test_split)
+            if args.eval_data:
+                evaluation = load_files(args.eval_data, "eval_data")
+    else:
+        raise PipelineError("no training data: set `train_data` (parquet/jsonl files) or `dataset_name`")
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
+    if (
+        evaluation is not None
+        and args.max_eval_samples is not None
+        and args.max_eval_samples < len(evaluation)
+    ):
+        evaluation = evaluation.select(range(args.max_eval_samples))
+    return train, evaluation
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, **kwargs) -> Path:
+    """Write a parquet file under a temporary name and rename it when complete."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Task generators and exporters (datasets the pipeline stages train and evaluate on)."""

@@ -1,0 +1,128 @@
+"""Recipe parsing: override order, unknown keys, and one-line errors for bad input."""
+
+import os
+
+import pytest
+from trl import ModelConfig, SFTConfig
+
+from pipeline import cli
+from pipeline.configs import DataArguments, parse_stage_args
+from pipeline.errors import PipelineError
+
+TYPES = (DataArguments, SFTConfig, ModelConfig)
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_override_order_default_then_yaml_then_cli(tmp_path):
+    recipe = write(
+        tmp_path,
+        f"output_dir: {tmp_path}/out\nlearning_rate: 1.0e-3\nper_device_train_batch_size: 4\n"
+        "lora_r: 8\ntrain_data: a.parquet\n",
+    )
+    data, train, model = parse_stage_args(TYPES, ["--config", recipe, "--learning_rate", "5e-4"], "sft")
+    assert train.learning_rate == pytest.approx(5e-4)  # CLI beats YAML
+    assert train.per_device_train_batch_size == 4  # YAML beats default (8)
+    assert train.gradient_accumulation_steps == 1  # untouched default
+    assert model.lora_r == 8 and data.train_data == "a.parquet"
+    # without the flag the YAML value stands
+    _, train, _ = parse_stage_args(TYPES, ["--config", recipe], "sft")
+    assert train.learning_rate == pytest.approx(1e-3)
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads `1e-5` as a string; it must still become the float the field needs
+    recipe = write(tmp_path, f"output_dir: {tmp_path}/o\nlearning_rate: 1e-5\n")
+    _, train, _ = parse_stage_args(TYPES, ["--config", recipe], "sft")
+    assert train.learning_rate == pytest.approx(1e-5)
+
+
+def test_env_mapping_is_exported(tmp_path, monkeypatch):
+    monkeypatch.delenv("PIPELINE_TEST_VAR", raising=False)
+    recipe = write(tmp_path, f"output_dir: {tmp_path}/o\nenv:\n  PIPELINE_TEST_VAR: 7\n")
+    parse_stage_args(TYPES, ["--config", recipe], "sft")
+    assert os.environ["PIPELINE_TEST_VAR"] == "7"
+
+
+def test_unknown_yaml_key_names_key_file_and_closest_field(tmp_path):
+    recipe = write(tmp_path, f"output_dir: {tmp_path}/o\ngradient_accumulation_step: 4\n")
+    with pytest.raises(PipelineError) as err:
+        parse_stage_args(TYPES, ["--config", recipe], "sft")
+    text = str(err.value)
+    assert recipe in text
+    assert "unknown key 'gradient_accumulation_step'" in text
+    assert "did you mean 'gradient_accumulation_steps'?" in text
+
+
+def test_unknown_cli_flag_suggests_closest_field(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown key 'learnig_rate'; did you mean 'learning_rate'\?"):
+        parse_stage_args(TYPES, ["--output_dir", str(tmp_path), "--learnig_rate", "1e-4"], "sft")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("learning_rate: fast\n", "'learning_rate' must be a number, got 'fast'"),
+        ("per_device_train_batch_size: 2.5\n", "'per_device_train_batch_size' must be an integer"),
+        ("packing: [1, 2]\n", "'packing' must be true or false"),
+        ("output_dir: [a, b]\n", "'output_dir' must be a string"),
+        ("lr_scheduler_type: sideways\n", "'lr_scheduler_type' must be one of"),
+        ("model_name_or_path: x\n  bad: indent: here\n", "invalid YAML at line 2"),
+        ("- just\n- a list\n", "a recipe must be a YAML mapping"),
+    ],
+)
+def test_bad_recipe_values_give_one_line_exit_2(tmp_path, capsys, text, expected):
+    recipe = write(tmp_path, text)
+    code = cli.main(["sft", "--config", recipe, "--output_dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert recipe in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "never").exists()  # nothing written for a rejected recipe
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert cli.main(["sft", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml: recipe file not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_cli_value_is_one_line(tmp_path, capsys):
+    assert cli.main(["sft", "--output_dir", str(tmp_path), "--num_train_epochs", "many"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid float value: 'many'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_training_data_is_one_line(tmp_path, capsys, tiny_model_dir):
+    code = cli.main(
+        ["sft", "--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(tiny_model_dir),
+         "--train_data", str(tmp_path / "missing.parquet")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "train_data: file not found" in err and "missing.parquet" in err
+
+
+def test_top_level_help_lists_stages(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("sft", "tiny-model", "synthetic-data", "generate"):
+        assert f"  {stage}" in out
+
+
+def test_unknown_stage_suggests(capsys):
+    assert cli.main(["sfft"]) == 2
+    assert "did you mean 'sft'?" in capsys.readouterr().err
+
+
+def test_stage_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sft", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--train_data", "--learning_rate", "--assistant_only_loss", "--lora_r", "--load_in_4bit"):
+        assert flag in out
