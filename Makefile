@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/pipeline tiny-model --output_dir runs/demo/tiny-model
-	$(BIN)/pipeline synthetic-data --output_dir runs/demo/data
+	$(BIN)/pipeline tiny-model --output_dir runs/demo/tiny-model --hidden_size 128 --num_layers 4 --intermediate_size 512
+	$(BIN)/pipeline synthetic-data --output_dir runs/demo/data --num_problems 520 --responses_per_problem 2
 	$(BIN)/pipeline sft --config recipes/demo/sft.yaml
-	$(BIN)/pipeline generate --model runs/demo/sft --prompts_from runs/demo/data/sft_eval.parquet --num_prompts 3
+	$(BIN)/pipeline generate --model runs/demo/sft --prompts_from runs/demo/data/sft_eval.parquet --num_prompts 6
 
 test: setup
 	$(BIN)/python -m pytest -q

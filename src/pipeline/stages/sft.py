@@ -47,6 +47,18 @@ def save_final_model(trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def keep_bnb_4bit_trainable_on_cpu(model) -> int:
+    """bitsandbytes 0.50 repacks 4-bit weights for fast CPU inference the first time an eval forward runs;
+    training steps after that fail ("a view of a leaf Variable ... in-place"). Turn that repacking off.
+    Returns the number of 4-bit layers touched."""
+    touched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
 def main(argv: list[str] | None = None) -> dict:
     data_args, training_args, model_args = parse_stage_args(
         (DataArguments, SFTConfig, ModelConfig), argv, "sft"
@@ -95,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         quantization_config=quantization_config,
         callbacks=[metrics_logging_callback(logging.getLogger("pipeline.sft.metrics"))],
     )
+
+    if quantization_config is not None:
+        keep_bnb_4bit_trainable_on_cpu(trainer.model)
 
     metrics: dict = {"train_rows": len(train_dataset), "eval_rows": len(eval_dataset) if eval_dataset else 0}
     try:
