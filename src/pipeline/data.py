@@ -59,14 +59,33 @@ def load_files(spec: str, what: str = "data") -> datasets.Dataset:
 
     files = resolve_files(spec, what)
     builder = FORMATS[Path(files[0]).suffix]
+    if builder == "parquet":
+        check_parquet_files(files, what)
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as err:  # pyarrow/json decode errors: report which file, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # json decode errors etc.: report the root cause in one line
+        cause = err.__cause__ or err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise PipelineError(f"{what}: cannot read {files[0] if len(files) == 1 else spec}: {first}") from None
     if len(ds) == 0:
         raise PipelineError(f"{what}: '{spec}' has no rows")
     return ds
+
+
+def check_parquet_files(files: list[str], what: str) -> int:
+    """Open each parquet footer (cheap) so a corrupt or empty file is named before loading; returns rows."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in files:
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:
+            raise PipelineError(f"{what}: cannot read {path}: not a valid parquet file ({err})") from None
+        if rows == 0:
+            raise PipelineError(f"{what}: '{path}' has no rows")
+        total += rows
+    return total
 
 
 def load_train_eval(args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:

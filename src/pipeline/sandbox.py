@@ -249,15 +249,24 @@ def run_tests(program: str, tests: list[str], timeout: float = 5.0) -> ExecResul
 
 
 def run_many(
-    jobs: list[tuple[str, list[str]]], timeout: float = 5.0, workers: int | None = None
+    jobs: list[tuple[str, list[str]]],
+    timeout: float = 5.0,
+    workers: int | None = None,
+    progress: str | None = None,
 ) -> list[ExecResult]:
-    """Run ``(program, tests)`` jobs concurrently; results come back in input order."""
+    """Run ``(program, tests)`` jobs concurrently; results come back in input order.
+
+    ``progress``: a label to show a progress bar with (None: no bar).
+    """
+    from tqdm.auto import tqdm
+
     jobs = list(jobs)
     if not jobs:
         return []
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        return list(pool.map(lambda job: run_tests(job[0], job[1], timeout), jobs))
+        results = pool.map(lambda job: run_tests(job[0], job[1], timeout), jobs)
+        return list(tqdm(results, total=len(jobs), desc=progress, disable=progress is None, unit="run"))
 
 
 _OPEN_FENCE = re.compile(r"^(`{3,})[^`]*$")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.data import write_parquet_atomic
+from pipeline.errors import PipelineError
 from pipeline.sandbox import run_many, strip_code_fence
 
 __all__ = [
@@ -317,7 +319,8 @@ def coderl_rows(
         for j in range(responses_per_problem):
             code = prob.solution if rng.random() < 0.5 else rng.choice(prob.wrong_solutions)
             pending.append((prob, j, _fence(code)))
-    results = run_many([(strip_code_fence(resp), prob.tests) for prob, _, resp in pending], timeout=timeout)
+    jobs = [(strip_code_fence(resp), prob.tests) for prob, _, resp in pending]
+    results = run_many(jobs, timeout=timeout, progress="executing responses" if len(jobs) >= 200 else None)
     rows = []
     for (prob, j, resp), res in zip(pending, results, strict=True):
         frac = res.fraction
@@ -353,18 +356,6 @@ def split_problems(
     train = [p for i, p in enumerate(problems) if i not in eval_idx]
     held = [p for i, p in enumerate(problems) if i in eval_idx]
     return train, held
-
-
-def _write_parquet(rows: list[dict[str, Any]], schema: Any, path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_task(
@@ -413,7 +404,7 @@ def export_task(
             (f"coderl_{split}", rl_rows, coderl_schema),
         ):
             path = out / f"{stem}.parquet"
-            _write_parquet(rows, schema, path)
+            write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), path)
             written[stem] = str(path)
     return written
 
@@ -449,13 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="code-RL responses sampled per problem (default: 4)",
     )
     args = parser.parse_args(argv)
-    written = export_task(
-        args.output_dir,
-        num_problems=args.num_problems,
-        seed=args.seed,
-        eval_fraction=args.eval_fraction,
-        responses_per_problem=args.responses_per_problem,
-    )
+    try:
+        written = export_task(
+            args.output_dir,
+            num_problems=args.num_problems,
+            seed=args.seed,
+            eval_fraction=args.eval_fraction,
+            responses_per_problem=args.responses_per_problem,
+        )
+    except ValueError as err:  # out-of-range arguments: one line, exit 2
+        raise PipelineError(str(err)) from None
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
