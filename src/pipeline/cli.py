@@ -21,6 +21,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.tasks.synthetic",
         "Export the shipped synthetic code task as SFT, preference-pair and reward-keyed code-RL parquet.",
     ),
+    "prepare": (
+        "pipeline.stages.prepare",
+        "Validate, clean, transform, filter and split reward-keyed code-RL parquet into training views.",
+    ),
     "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
     "generate": (
         "pipeline.stages.generate",

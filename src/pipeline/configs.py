@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,17 @@ def check_value(key: str, annotation: Any, value: Any) -> str | None:
     return None
 
 
+def join_negative_values(args: list[str]) -> list[str]:
+    """`--reward_clip -1.5,1.5` → `--reward_clip=-1.5,1.5`: argparse would read the value as a flag."""
+    out: list[str] = []
+    for arg in args:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"^-\d", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 class RecipeParser(TrlParser):
     """`TrlParser` with one-line errors, unknown-key suggestions and YAML type checks."""
 
@@ -208,6 +220,7 @@ class RecipeParser(TrlParser):
         for key, value in (recipe.pop("env", None) or {}).items():
             os.environ[str(key)] = str(value)
         self.set_defaults_with_config(**recipe)
+        args = join_negative_values(args)
         self._default_bf16_to_hardware(args)
         try:
             # fail on unknown flags ourselves so the message can suggest the closest field

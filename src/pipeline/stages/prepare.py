@@ -1,0 +1,588 @@
+"""Prepare stage: validate, clean, transform, filter and split reward-keyed code-RL data.
+
+    pipeline prepare --data_path logs/*.parquet --output_dir data/prepared \\
+        --reward_key normalized_reward --response_key unprocessed_response --datafilter posonly
+
+Input rows (parquet, read one row group at a time; or jsonl): `uid`, `prompt_pretokenized` (JSON list of chat
+messages: a user turn and an optional assistant prefix; plain text = one user message), the reward column
+`reward_key` and the response column `response_key`. Everything is checked before anything is written; the
+first problem is one line naming file, column and row/uid (exit 2), and no output folder appears.
+
+Order of operations: dedupe → clean (one enclosing Markdown fence removed) → reward transforms (clip, then
+normalize; result in column `reward_output_key`, the raw column is kept) → filters (datafilter, then token
+length) → split (by a hash of the prompt, so no prompt is in both splits) → views.
+
+Output (`output_dir`, written under a temporary name and renamed when complete):
+- `rl/{train,eval}-NNNNN.parquet`: every input column (response cleaned) + `reward` + `prompt_id`;
+- `sft/{train,eval}-NNNNN.parquet`: `messages` (user, assistant = prefix + response) for rows whose reward
+  exceeds `pos_threshold`;
+- `pairs/{train,eval}-NNNNN.parquet`: `prompt`/`chosen`/`rejected` (+ rewards, uids) from responses to the
+  same prompt whose rewards differ by at least `pair_margin`;
+- `manifest.json`: sources with sha256, rows in/out, drops per reason, the config, tokenizer fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.configs import parse_stage_args
+from pipeline.data import resolve_files
+from pipeline.errors import PipelineError
+from pipeline.runinfo import atomic_write_text
+from pipeline.sandbox import strip_code_fence
+from pipeline.tokenization import PromptError, parse_prompt
+
+logger = logging.getLogger("pipeline.prepare")
+SCHEMA_VERSION = 1
+PROMPT_KEY = "prompt_pretokenized"
+
+
+@dataclass
+class PrepareConfig:
+    data_path: str = field(
+        metadata={"help": "Input parquet/jsonl: a file, folder, glob or comma-separated list."}
+    )
+    output_dir: str = field(metadata={"help": "Folder to create (it must not exist unless overwrite=true)."})
+    reward_key: str = field(default="normalized_reward", metadata={"help": "Column holding the reward."})
+    response_key: str = field(
+        default="unprocessed_response", metadata={"help": "Column holding the response."}
+    )
+    reward_output_key: str = field(
+        default="reward", metadata={"help": "Column the trainers read the reward from."}
+    )
+    dedupe: Literal["error", "keep_first"] = field(
+        default="error",
+        metadata={"help": "Duplicate uids: an error listing the first few, or keep the first."},
+    )
+    reward_clip: str | None = field(
+        default=None, metadata={"help": "Clip rewards to 'lo,hi', e.g. '-1.5,1.5'."}
+    )
+    reward_normalize: Literal["none", "zscore", "minmax", "rank"] = field(
+        default="none",
+        metadata={"help": "Normalize rewards after clipping: none|zscore|minmax (to [0,1])|rank."},
+    )
+    normalize_per_prompt: bool = field(
+        default=False, metadata={"help": "Normalize within each prompt's group."}
+    )
+    datafilter: Literal["none", "posonly", "negonly", "topk_per_prompt"] = field(
+        default="none",
+        metadata={
+            "help": "none: every row; posonly: reward > pos_threshold; negonly: reward <= neg_threshold; "
+            "topk_per_prompt: the `topk` best rows of each prompt. Applied to the transformed reward."
+        },
+    )
+    pos_threshold: float = field(default=0.75, metadata={"help": "posonly / SFT view: keep reward > this."})
+    neg_threshold: float = field(default=0.0, metadata={"help": "negonly: keep reward <= this."})
+    topk: int = field(default=1, metadata={"help": "Rows kept per prompt by topk_per_prompt."})
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Target tokenizer (local folder) for the length filter and fingerprint."},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Drop rows whose prompt + response exceed this many tokens (needs tokenizer)."},
+    )
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of prompts held out for evaluation."})
+    pair_margin: float = field(
+        default=0.5, metadata={"help": "Preference pairs need rewards at least this far apart."}
+    )
+    max_pairs_per_prompt: int = field(default=4, metadata={"help": "Cap on preference pairs per prompt."})
+    views: str = field(
+        default="rl,sft,pairs", metadata={"help": "Comma-separated views to write: rl, sft, pairs."}
+    )
+    row_group_size: int = field(
+        default=10_000, metadata={"help": "Rows per parquet row group in the outputs."}
+    )
+    shard_rows: int = field(default=500_000, metadata={"help": "Rows per output shard file."})
+    batch_rows: int = field(default=50_000, metadata={"help": "Rows read per batch (bounds memory)."})
+    seed: int = field(default=0, metadata={"help": "Salt of the prompt hash that decides the split."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it exists."})
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def open_sources(files: list[str]) -> list[tuple[str, pa.Schema, int]]:
+    """(file, schema, rows) per input file; a file that is not readable parquet/jsonl is named here."""
+    sources = []
+    for path in files:
+        try:
+            if path.endswith(".parquet"):
+                meta = pq.ParquetFile(path)
+                sources.append((path, meta.schema_arrow, meta.metadata.num_rows))
+            else:
+                table = read_json_table(path)
+                sources.append((path, table.schema, table.num_rows))
+            if sources[-1][2] == 0:
+                raise PipelineError(f"{path}: has no rows")
+        except PipelineError:
+            raise
+        except Exception as err:
+            kind = "parquet" if path.endswith(".parquet") else "jsonl"
+            raise PipelineError(f"{path}: not a readable {kind} file ({str(err).splitlines()[0]})") from None
+    return sources
+
+
+def read_json_table(path: str) -> pa.Table:
+    import pyarrow.json as pj
+
+    try:
+        return pj.read_json(path)
+    except pa.ArrowInvalid as err:
+        raise PipelineError(f"{path}: invalid JSON lines ({str(err).splitlines()[0]})") from None
+
+
+def iter_batches(path: str, batch_rows: int, columns: list[str] | None = None):
+    """Record batches of one file; parquet is streamed so memory stays bounded."""
+    if path.endswith(".parquet"):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+    else:
+        table = read_json_table(path)
+        yield from (table.select(columns) if columns else table).to_batches(max_chunksize=batch_rows)
+
+
+def check_schema(path: str, schema: pa.Schema, cfg: PrepareConfig) -> None:
+    for column, role in (
+        ("uid", "the row id"),
+        (PROMPT_KEY, "the chat prompt"),
+        (cfg.reward_key, "the reward (set --reward_key)"),
+        (cfg.response_key, "the response (set --response_key)"),
+    ):
+        if column not in schema.names:
+            raise PipelineError(f"{path}: missing column '{column}' ({role}); columns are {schema.names}")
+    reward_type = schema.field(cfg.reward_key).type
+    if not (pa.types.is_integer(reward_type) or pa.types.is_floating(reward_type)):
+        raise PipelineError(f"{path}: column '{cfg.reward_key}' must be numeric, found {reward_type}")
+    for column in ("uid", cfg.response_key):
+        if not (
+            pa.types.is_string(schema.field(column).type)
+            or pa.types.is_large_string(schema.field(column).type)
+        ):
+            raise PipelineError(
+                f"{path}: column '{column}' must be strings, found {schema.field(column).type}"
+            )
+
+
+# ------------------------------------------------------------------------------------------ pass 1
+
+
+@dataclass
+class RowIndex:
+    """Per-row facts gathered in pass 1 (a few bytes per row, so millions of rows fit)."""
+
+    rewards: np.ndarray  # raw rewards, float64
+    prompt_keys: np.ndarray  # uint64 hash of the canonical prompt
+    duplicate: np.ndarray  # bool, a later occurrence of a uid
+
+
+def first_bad(mask: np.ndarray, uids: list[str] | pa.Array, offset: int) -> str:
+    i = int(np.flatnonzero(mask)[0])
+    uid = uids[i].as_py() if isinstance(uids, (pa.Array, pa.ChunkedArray)) else uids[i]
+    return f"row {offset + i}, uid {uid!r}"
+
+
+def scan_rows(sources, cfg: PrepareConfig) -> RowIndex:
+    """Validate every row (ids, prompts, rewards) and collect what the transforms and filters need."""
+    rewards, keys, duplicates, seen, dup_examples = [], [], [], set(), []
+    salt = str(cfg.seed).encode()
+    for path, _, _ in sources:
+        offset = 0
+        for batch in iter_batches(path, cfg.batch_rows, ["uid", PROMPT_KEY, cfg.reward_key]):
+            uid_col = batch.column("uid")
+            if uid_col.null_count:
+                raise PipelineError(f"{path}: column 'uid' is null at row {offset + first_null(uid_col)}")
+            reward = batch.column(cfg.reward_key)
+            if reward.null_count:
+                at = first_null(reward)
+                raise PipelineError(
+                    f"{path}: column '{cfg.reward_key}' is null at row {offset + at}, uid {uid_col[at]}"
+                )
+            values = reward.to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                raise PipelineError(
+                    f"{path}: column '{cfg.reward_key}' has a non-finite value "
+                    f"({values[np.flatnonzero(bad)[0]]}) at {first_bad(bad, uid_col, offset)}"
+                )
+            uids = uid_col.to_pylist()
+            batch_keys = np.empty(len(uids), dtype=np.uint64)
+            batch_dups = np.zeros(len(uids), dtype=bool)
+            for i, (uid, prompt) in enumerate(zip(uids, batch.column(PROMPT_KEY).to_pylist(), strict=True)):
+                if uid in seen:
+                    batch_dups[i] = True
+                    if len(dup_examples) < 5:
+                        dup_examples.append(uid)
+                else:
+                    seen.add(uid)
+                try:
+                    messages = parse_prompt(prompt)
+                except PromptError as err:
+                    raise PipelineError(
+                        f"{path}: column '{PROMPT_KEY}' at row {offset + i}, uid {uid!r}: {err}"
+                    ) from None
+                canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+                batch_keys[i] = int.from_bytes(
+                    hashlib.blake2b(canonical, digest_size=8, key=salt).digest(), "little"
+                )
+            rewards.append(values)
+            keys.append(batch_keys)
+            duplicates.append(batch_dups)
+            offset += len(uids)
+    if dup_examples and cfg.dedupe == "error":
+        shown = ", ".join(repr(u) for u in dup_examples)
+        raise PipelineError(f"{cfg.data_path}: column 'uid' has duplicates (first: {shown}); "
+                            "remove them or pass --dedupe keep_first")  # fmt: skip
+    return RowIndex(np.concatenate(rewards), np.concatenate(keys), np.concatenate(duplicates))
+
+
+def first_null(column: pa.Array) -> int:
+    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+# ------------------------------------------------------------------------------------------ rewards, filters
+
+
+def parse_clip(spec: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in spec.split(","))
+    except ValueError:
+        raise PipelineError(f"reward_clip must be 'lo,hi' (e.g. '-1.5,1.5'), got {spec!r}") from None
+    if not lo < hi:
+        raise PipelineError(f"reward_clip: lo must be below hi, got {spec!r}")
+    return lo, hi
+
+
+def normalize(values: np.ndarray, method: str) -> np.ndarray:
+    """One group's rewards normalized; a constant group maps to 0 (zscore, rank) or 0.5 (minmax)."""
+    if method == "none" or len(values) == 0:
+        return values
+    if method == "zscore":
+        std = values.std()
+        return (values - values.mean()) / std if std > 0 else np.zeros_like(values)
+    if method == "minmax":
+        span = values.max() - values.min()
+        return (values - values.min()) / span if span > 0 else np.full_like(values, 0.5)
+    # rank: average ranks of ties, scaled to [-1, 1]
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    uniq, inverse = np.unique(values, return_inverse=True)
+    mean_rank = np.bincount(inverse, weights=ranks) / np.bincount(inverse)
+    ranks = mean_rank[inverse]
+    return 2 * ranks / (len(values) - 1) - 1 if len(values) > 1 else np.zeros_like(values)
+
+
+def transform_rewards(index: RowIndex, keep: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """Clip then normalize the kept rows' rewards (globally or per prompt); dropped rows get NaN."""
+    out = np.full(len(index.rewards), np.nan)
+    values = index.rewards[keep]
+    if cfg.reward_clip:
+        values = np.clip(values, *parse_clip(cfg.reward_clip))
+    if cfg.normalize_per_prompt and cfg.reward_normalize != "none":
+        groups = index.prompt_keys[keep]
+        order = np.argsort(groups, kind="stable")
+        bounds = np.flatnonzero(np.diff(groups[order])) + 1
+        for chunk in np.split(order, bounds):
+            values[chunk] = normalize(values[chunk], cfg.reward_normalize)
+    else:
+        values = normalize(values, cfg.reward_normalize)
+    out[keep] = values
+    return out
+
+
+def top_k_mask(keys: np.ndarray, rewards: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-reward kept rows of each prompt (ties: earlier row first)."""
+    rows = np.flatnonzero(keep)
+    order = rows[np.lexsort((rows, -rewards[rows], keys[rows]))]
+    group_start = np.r_[True, keys[order][1:] != keys[order][:-1]]
+    position = np.arange(len(order)) - np.maximum.accumulate(np.where(group_start, np.arange(len(order)), 0))
+    mask = np.zeros(len(keys), dtype=bool)
+    mask[order[position < k]] = True
+    return mask
+
+
+def apply_datafilter(
+    index: RowIndex, rewards: np.ndarray, keep: np.ndarray, cfg: PrepareConfig
+) -> np.ndarray:
+    if cfg.datafilter == "posonly":
+        return keep & (rewards > cfg.pos_threshold)
+    if cfg.datafilter == "negonly":
+        return keep & (rewards <= cfg.neg_threshold)
+    if cfg.datafilter == "topk_per_prompt":
+        if cfg.topk < 1:
+            raise PipelineError(f"topk must be >= 1, got {cfg.topk}")
+        return keep & top_k_mask(index.prompt_keys, rewards, keep, cfg.topk)
+    return keep
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class ShardWriter:
+    """Writes `<dir>/<split>-NNNNN.parquet` shards of at most `shard_rows` rows."""
+
+    def __init__(self, folder: Path, split: str, cfg: PrepareConfig):
+        self.folder, self.split, self.cfg = folder, split, cfg
+        self.writer: pq.ParquetWriter | None = None
+        self.shard, self.rows_in_shard, self.rows = 0, 0, 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self.writer is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                path = self.folder / f"{self.split}-{self.shard:05d}.parquet"
+                self.writer = pq.ParquetWriter(path, table.schema)
+            take = min(table.num_rows, self.cfg.shard_rows - self.rows_in_shard)
+            self.writer.write_table(table.slice(0, take), row_group_size=self.cfg.row_group_size)
+            self.rows_in_shard += take
+            self.rows += take
+            table = table.slice(take)
+            if self.rows_in_shard >= self.cfg.shard_rows:
+                self.close()
+                self.shard, self.rows_in_shard = self.shard + 1, 0
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def split_of(keys: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """True where the prompt is held out: its hash, read as a fraction in [0, 1), is below eval_fraction."""
+    return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53) < eval_fraction
+
+
+def assistant_message(messages: list[dict], response: str) -> dict:
+    prefix = messages[1]["content"] if len(messages) == 2 else ""
+    return {"role": "assistant", "content": prefix + response}
+
+
+def token_lengths(tokenizer, prompts: list, responses: list[str]) -> np.ndarray:
+    from pipeline.tokenization import tokenize_prompt_response
+
+    samples = tokenize_prompt_response(tokenizer, [parse_prompt(p) for p in prompts], responses)
+    return np.array([len(s.input_ids) for s in samples])
+
+
+def build_pairs(bucket: pa.Table, cfg: PrepareConfig) -> list[dict]:
+    """Preference pairs within each prompt: best against worst first, margin at least `pair_margin`."""
+    groups: dict[int, list[int]] = {}
+    for i, key in enumerate(bucket.column("prompt_key").to_numpy()):
+        groups.setdefault(int(key), []).append(i)
+    cols = {
+        name: bucket.column(name).to_pylist() for name in ("uid", "prompt", "response", "reward", "is_eval")
+    }
+    pairs = []
+    for key in sorted(groups):
+        rows = sorted(groups[key], key=lambda i: (-cols["reward"][i], cols["uid"][i]))
+        # best vs worst, second best vs second worst, ...: each response in at most one pair
+        for a in range(min(len(rows) // 2, cfg.max_pairs_per_prompt)):
+            b = len(rows) - 1 - a
+            good, bad = rows[a], rows[b]
+            if cols["reward"][good] - cols["reward"][bad] < cfg.pair_margin:
+                break  # pairs further in are closer still
+            messages = parse_prompt(cols["prompt"][good])
+            pairs.append({
+                "prompt": messages[:1],
+                "chosen": [assistant_message(messages, cols["response"][good])],
+                "rejected": [assistant_message(messages, cols["response"][bad])],
+                "chosen_reward": cols["reward"][good],
+                "rejected_reward": cols["reward"][bad],
+                "chosen_uid": cols["uid"][good],
+                "rejected_uid": cols["uid"][bad],
+                "is_eval": cols["is_eval"][good],
+            })  # fmt: skip
+    return pairs
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = parse_stage_args((PrepareConfig,), argv, "prepare")
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    views = {v.strip() for v in cfg.views.split(",") if v.strip()}
+    if not views <= {"rl", "sft", "pairs"} or not views:
+        raise PipelineError(f"views must be a comma-separated subset of rl,sft,pairs, got {cfg.views!r}")
+    if cfg.reward_clip:
+        parse_clip(cfg.reward_clip)
+    if not 0 <= cfg.eval_fraction < 1:
+        raise PipelineError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_length is not None and not cfg.tokenizer_name_or_path:
+        raise PipelineError("max_length needs tokenizer_name_or_path (the length is counted in its tokens)")
+    out = Path(cfg.output_dir)
+    if out.exists() and not cfg.overwrite:
+        raise PipelineError(f"output_dir '{out}' exists; choose another or pass --overwrite true")
+
+    tokenizer, tok_fingerprint = None, None
+    if cfg.tokenizer_name_or_path:
+        from transformers import AutoTokenizer
+
+        from pipeline.tokenization import tokenizer_fingerprint
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
+        except Exception as err:
+            raise PipelineError(
+                f"tokenizer_name_or_path '{cfg.tokenizer_name_or_path}': cannot load ({err})"
+            ) from None
+        tok_fingerprint = tokenizer_fingerprint(tokenizer)
+
+    # pass 1: validate everything and decide each row's fate before writing anything
+    files = resolve_files(cfg.data_path, "data_path")
+    sources = open_sources(files)
+    for path, schema, _ in sources:
+        check_schema(path, schema, cfg)
+    rows_in = sum(rows for _, _, rows in sources)
+    if rows_in == 0:
+        raise PipelineError(f"{cfg.data_path}: no rows")
+    index = scan_rows(sources, cfg)
+    drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum())}
+    keep = ~index.duplicate
+    rewards = transform_rewards(index, keep, cfg)
+    kept = apply_datafilter(index, rewards, keep, cfg)
+    drops[f"datafilter_{cfg.datafilter}"] = int(keep.sum() - kept.sum())
+    keep = kept
+    is_eval = split_of(index.prompt_keys, cfg.eval_fraction)
+
+    # pass 2: clean, filter by length, write the views into a temporary folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writers = {(view, split): ShardWriter(tmp / view, split, cfg)
+                   for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
+        # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
+        num_buckets = max(1, -(-rows_in // 200_000))
+        buckets = [ShardWriter(tmp / ".buckets" / f"{b:04d}", "rows", cfg) for b in range(num_buckets)]
+        drops["too_long"] = 0
+        offset = 0
+        bar = tqdm(total=rows_in, desc="prepare", unit="row", disable=rows_in < 100_000)
+        for path, _, _ in sources:
+            for batch in iter_batches(path, cfg.batch_rows):
+                n = batch.num_rows
+                sl = slice(offset, offset + n)
+                offset += n
+                bar.update(n)
+                mask = keep[sl].copy()
+                responses = [strip_code_fence(r) for r in batch.column(cfg.response_key).to_pylist()]
+                if tokenizer is not None and cfg.max_length is not None and mask.any():
+                    rows = np.flatnonzero(mask)
+                    prompts = batch.column(PROMPT_KEY).take(pa.array(rows)).to_pylist()
+                    lengths = token_lengths(tokenizer, prompts, [responses[i] for i in rows])
+                    too_long = rows[lengths > cfg.max_length]
+                    mask[too_long] = False
+                    drops["too_long"] += len(too_long)
+                if not mask.any():
+                    continue
+                table = pa.Table.from_batches([batch])
+                table = table.set_column(table.schema.get_field_index(cfg.response_key), cfg.response_key,
+                                         pa.array(responses, pa.string()))  # fmt: skip
+                table = table.append_column(cfg.reward_output_key, pa.array(rewards[sl]))
+                table = table.append_column(
+                    "prompt_id", pa.array([f"{k:016x}" for k in index.prompt_keys[sl]])
+                )
+                selected = table.filter(pa.array(mask))
+                eval_rows = is_eval[sl][mask]
+                for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
+                    part = selected.filter(pa.array(split_mask))
+                    if "rl" in views:
+                        writers["rl", split].write(part)
+                    if "sft" in views:
+                        pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
+                        msgs = [[*parse_prompt(p)[:1], assistant_message(parse_prompt(p), r)] for p, r in
+                                zip(pos.column(PROMPT_KEY).to_pylist(), pos.column(cfg.response_key).to_pylist(), strict=True)]  # fmt: skip
+                        if msgs:
+                            writers["sft", split].write(pa.table({"uid": pos.column("uid"), "messages": msgs,
+                                                                  cfg.reward_output_key: pos.column(cfg.reward_output_key)}))  # fmt: skip
+                if "pairs" in views:
+                    keys = index.prompt_keys[sl][mask]
+                    rows_for_pairs = pa.table({
+                        "uid": selected.column("uid"),
+                        "prompt_key": pa.array(keys),
+                        "prompt": selected.column(PROMPT_KEY),
+                        "response": selected.column(cfg.response_key),
+                        "reward": selected.column(cfg.reward_output_key),
+                        "is_eval": pa.array(eval_rows),
+                    })  # fmt: skip
+                    bucket_of = keys % np.uint64(num_buckets)
+                    for b in np.unique(bucket_of):
+                        buckets[int(b)].write(rows_for_pairs.filter(pa.array(bucket_of == b)))
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+        for bucket in buckets:
+            bucket.close()
+        rows_out = {f"{view}_{split}": w.rows for (view, split), w in writers.items()}
+        if "rl" in views and rows_out["rl_train"] + rows_out["rl_eval"] == 0:
+            raise PipelineError(f"{cfg.data_path}: zero rows left after filtering (drops: {drops})")
+
+        # pass 3: preference pairs, one prompt-hash bucket at a time
+        if "pairs" in views:
+            pair_writers = {split: ShardWriter(tmp / "pairs", split, cfg) for split in ("train", "eval")}
+            for bucket in buckets:
+                if not bucket.rows:
+                    continue
+                pairs = build_pairs(pq.read_table(bucket.folder), cfg)
+                for split, flag in (("train", False), ("eval", True)):
+                    chosen = [
+                        {k: v for k, v in p.items() if k != "is_eval"} for p in pairs if p["is_eval"] == flag
+                    ]
+                    if chosen:
+                        pair_writers[split].write(pa.Table.from_pylist(chosen))
+            for split, writer in pair_writers.items():
+                writer.close()
+                rows_out[f"pairs_{split}"] = writer.rows
+        shutil.rmtree(tmp / ".buckets", ignore_errors=True)
+
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "stage": "prepare",
+            "sources": [
+                {"path": os.path.abspath(p), "rows": r, "sha256": sha256_file(p)} for p, _, r in sources
+            ],
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "drops": drops,
+            "config": asdict(cfg),
+            "tokenizer_fingerprint": tok_fingerprint,
+            "columns": {
+                "reward": cfg.reward_output_key,
+                "response": cfg.response_key,
+                "raw_reward": cfg.reward_key,
+            },
+            "seconds": round(time.time() - started, 3),
+        }
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("prepare: %d rows in, %s out, drops %s -> %s", rows_in, rows_out, drops, out)
+    print(json.dumps({"output_dir": str(out), "rows_in": rows_in, "rows_out": rows_out, "drops": drops}))
+    return manifest
