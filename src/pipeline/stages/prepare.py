@@ -23,6 +23,7 @@ Output (`output_dir`, written under a temporary name and renamed when complete):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -108,7 +109,7 @@ class PrepareConfig:
         default=10_000, metadata={"help": "Rows per parquet row group in the outputs."}
     )
     shard_rows: int = field(default=500_000, metadata={"help": "Rows per output shard file."})
-    batch_rows: int = field(default=50_000, metadata={"help": "Rows read per batch (bounds memory)."})
+    batch_rows: int = field(default=10_000, metadata={"help": "Rows read per batch (bounds memory)."})
     seed: int = field(default=0, metadata={"help": "Salt of the prompt hash that decides the split."})
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it exists."})
 
@@ -180,6 +181,28 @@ def check_schema(path: str, schema: pa.Schema, cfg: PrepareConfig) -> None:
 # ------------------------------------------------------------------------------------------ pass 1
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _parse_prompt_text(text: str) -> list[dict[str, str]]:
+    return parse_prompt(text)
+
+
+def prompt_messages(value) -> list[dict[str, str]]:
+    """`parse_prompt` with a cache: RL data holds many responses per prompt. Callers must not mutate."""
+    return _parse_prompt_text(value) if isinstance(value, str) else parse_prompt(value)
+
+
+def prompt_hasher(seed: int):
+    """prompt value -> uint64 hash of its canonical messages, salted by `seed` (cached per distinct text)."""
+    salt = str(seed).encode()
+
+    def key_of(messages: list[dict[str, str]]) -> int:
+        canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+        return int.from_bytes(hashlib.blake2b(canonical, digest_size=8, key=salt).digest(), "little")
+
+    cached = functools.lru_cache(maxsize=1 << 18)(lambda text: key_of(prompt_messages(text)))
+    return lambda value: cached(value) if isinstance(value, str) else key_of(prompt_messages(value))
+
+
 @dataclass
 class RowIndex:
     """Per-row facts gathered in pass 1 (a few bytes per row, so millions of rows fit)."""
@@ -198,7 +221,7 @@ def first_bad(mask: np.ndarray, uids: list[str] | pa.Array, offset: int) -> str:
 def scan_rows(sources, cfg: PrepareConfig) -> RowIndex:
     """Validate every row (ids, prompts, rewards) and collect what the transforms and filters need."""
     rewards, keys, duplicates, seen, dup_examples = [], [], [], set(), []
-    salt = str(cfg.seed).encode()
+    key_of = prompt_hasher(cfg.seed)
     for path, _, _ in sources:
         offset = 0
         for batch in iter_batches(path, cfg.batch_rows, ["uid", PROMPT_KEY, cfg.reward_key]):
@@ -229,15 +252,11 @@ def scan_rows(sources, cfg: PrepareConfig) -> RowIndex:
                 else:
                     seen.add(uid)
                 try:
-                    messages = parse_prompt(prompt)
+                    batch_keys[i] = key_of(prompt)
                 except PromptError as err:
                     raise PipelineError(
                         f"{path}: column '{PROMPT_KEY}' at row {offset + i}, uid {uid!r}: {err}"
                     ) from None
-                canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
-                batch_keys[i] = int.from_bytes(
-                    hashlib.blake2b(canonical, digest_size=8, key=salt).digest(), "little"
-                )
             rewards.append(values)
             keys.append(batch_keys)
             duplicates.append(batch_dups)
@@ -374,38 +393,49 @@ def assistant_message(messages: list[dict], response: str) -> dict:
 def token_lengths(tokenizer, prompts: list, responses: list[str]) -> np.ndarray:
     from pipeline.tokenization import tokenize_prompt_response
 
-    samples = tokenize_prompt_response(tokenizer, [parse_prompt(p) for p in prompts], responses)
+    samples = tokenize_prompt_response(tokenizer, [prompt_messages(p) for p in prompts], responses)
     return np.array([len(s.input_ids) for s in samples])
 
 
-def build_pairs(bucket: pa.Table, cfg: PrepareConfig) -> list[dict]:
-    """Preference pairs within each prompt: best against worst first, margin at least `pair_margin`."""
-    groups: dict[int, list[int]] = {}
-    for i, key in enumerate(bucket.column("prompt_key").to_numpy()):
-        groups.setdefault(int(key), []).append(i)
-    cols = {
-        name: bucket.column(name).to_pylist() for name in ("uid", "prompt", "response", "reward", "is_eval")
-    }
-    pairs = []
-    for key in sorted(groups):
-        rows = sorted(groups[key], key=lambda i: (-cols["reward"][i], cols["uid"][i]))
+def build_pairs(bucket_dir: Path, cfg: PrepareConfig) -> list[dict]:
+    """Preference pairs within each prompt of one bucket: best vs worst first, margin >= `pair_margin`.
+
+    Pairs are chosen from ids and rewards alone; only the paired rows' text is then read.
+    """
+    small = pq.read_table(bucket_dir, columns=["uid", "prompt_key", "reward"])
+    uids, rewards = small.column("uid").to_pylist(), small.column("reward").to_numpy()
+    keys = small.column("prompt_key").to_numpy()
+    order = np.lexsort((np.array(uids), -rewards, keys))
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    chosen_rows = []
+    for group in np.split(order, bounds):
         # best vs worst, second best vs second worst, ...: each response in at most one pair
-        for a in range(min(len(rows) // 2, cfg.max_pairs_per_prompt)):
-            b = len(rows) - 1 - a
-            good, bad = rows[a], rows[b]
-            if cols["reward"][good] - cols["reward"][bad] < cfg.pair_margin:
+        for a in range(min(len(group) // 2, cfg.max_pairs_per_prompt)):
+            good, bad = int(group[a]), int(group[len(group) - 1 - a])
+            if rewards[good] - rewards[bad] < cfg.pair_margin:
                 break  # pairs further in are closer still
-            messages = parse_prompt(cols["prompt"][good])
-            pairs.append({
-                "prompt": messages[:1],
-                "chosen": [assistant_message(messages, cols["response"][good])],
-                "rejected": [assistant_message(messages, cols["response"][bad])],
-                "chosen_reward": cols["reward"][good],
-                "rejected_reward": cols["reward"][bad],
-                "chosen_uid": cols["uid"][good],
-                "rejected_uid": cols["uid"][bad],
-                "is_eval": cols["is_eval"][good],
-            })  # fmt: skip
+            chosen_rows.append((good, bad))
+    if not chosen_rows:
+        return []
+    needed = sorted({i for pair in chosen_rows for i in pair})
+    text = pq.read_table(bucket_dir, columns=["prompt", "response", "is_eval"]).take(pa.array(needed))
+    position = {row: j for j, row in enumerate(needed)}
+    prompts, responses = text.column("prompt").to_pylist(), text.column("response").to_pylist()
+    is_eval = text.column("is_eval").to_pylist()
+    pairs = []
+    for good, bad in chosen_rows:
+        g, b = position[good], position[bad]
+        messages = prompt_messages(prompts[g])
+        pairs.append({
+            "prompt": messages[:1],
+            "chosen": [assistant_message(messages, responses[g])],
+            "rejected": [assistant_message(messages, responses[b])],
+            "chosen_reward": float(rewards[good]),
+            "rejected_reward": float(rewards[bad]),
+            "chosen_uid": uids[good],
+            "rejected_uid": uids[bad],
+            "is_eval": is_eval[g],
+        })  # fmt: skip
     return pairs
 
 
@@ -476,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
         writers = {(view, split): ShardWriter(tmp / view, split, cfg)
                    for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
         # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
-        num_buckets = max(1, -(-rows_in // 200_000))
+        num_buckets = max(1, -(-rows_in // 50_000))
         buckets = [ShardWriter(tmp / ".buckets" / f"{b:04d}", "rows", cfg) for b in range(num_buckets)]
         drops["too_long"] = 0
         offset = 0
@@ -513,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
                         writers["rl", split].write(part)
                     if "sft" in views:
                         pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
-                        msgs = [[*parse_prompt(p)[:1], assistant_message(parse_prompt(p), r)] for p, r in
+                        msgs = [[prompt_messages(p)[0], assistant_message(prompt_messages(p), r)] for p, r in
                                 zip(pos.column(PROMPT_KEY).to_pylist(), pos.column(cfg.response_key).to_pylist(), strict=True)]  # fmt: skip
                         if msgs:
                             writers["sft", split].write(pa.table({"uid": pos.column("uid"), "messages": msgs,
@@ -546,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
             for bucket in buckets:
                 if not bucket.rows:
                     continue
-                pairs = build_pairs(pq.read_table(bucket.folder), cfg)
+                pairs = build_pairs(bucket.folder, cfg)
                 for split, flag in (("train", False), ("eval", True)):
                     chosen = [
                         {k: v for k, v in p.items() if k != "is_eval"} for p in pairs if p["is_eval"] == flag
