@@ -212,6 +212,8 @@ CATALOGUE = {
     "inf reward": (variant(normalized_reward=math.inf), "non-finite value (inf) at row 0, uid 'p0-r0'"),
     "null reward": (variant(normalized_reward=None), "column 'normalized_reward' is null at row 0"),
     "null uid": (variant(uid=None), "column 'uid' is null at row 0"),
+    "null prompt": (variant(prompt_pretokenized=None), "column 'prompt_pretokenized' is null at row 0"),
+    "null response": (variant(unprocessed_response=None), "column 'unprocessed_response' is null at row 0"),
     "duplicate uid": ([GOOD[0], GOOD[0]], "column 'uid' has duplicates (first: 'p0-r0')"),
     "invalid json prompt": (variant(prompt_pretokenized='[{"role": "user", "content": '),
                             "column 'prompt_pretokenized' at row 0, uid 'p0-r0': invalid JSON"),

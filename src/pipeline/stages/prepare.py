@@ -13,7 +13,8 @@ normalize; result in column `reward_output_key`, the raw column is kept) → fil
 length) → split (by a hash of the prompt, so no prompt is in both splits) → views.
 
 Output (`output_dir`, written under a temporary name and renamed when complete):
-- `rl/{train,eval}-NNNNN.parquet`: every input column (response cleaned) + `reward` + `prompt_id`;
+- `rl/{train,eval}-NNNNN.parquet`: every input column (response cleaned) + `reward` + `prompt_id` (uint64 hash
+  of the canonical prompt: rows with equal prompts share it);
 - `sft/{train,eval}-NNNNN.parquet`: `messages` (user, assistant = prefix + response) for rows whose reward
   exceeds `pos_threshold`;
 - `pairs/{train,eval}-NNNNN.parquet`: `prompt`/`chosen`/`rejected` (+ rewards, uids) from responses to the
@@ -220,7 +221,7 @@ def first_bad(mask: np.ndarray, uids: list[str] | pa.Array, offset: int) -> str:
 
 def scan_rows(sources, cfg: PrepareConfig) -> RowIndex:
     """Validate every row (ids, prompts, rewards) and collect what the transforms and filters need."""
-    rewards, keys, duplicates, seen, dup_examples = [], [], [], set(), []
+    rewards, keys, uid_chunks = [], [], []
     key_of = prompt_hasher(cfg.seed)
     for path, _, _ in sources:
         offset = 0
@@ -241,31 +242,54 @@ def scan_rows(sources, cfg: PrepareConfig) -> RowIndex:
                     f"{path}: column '{cfg.reward_key}' has a non-finite value "
                     f"({values[np.flatnonzero(bad)[0]]}) at {first_bad(bad, uid_col, offset)}"
                 )
-            uids = uid_col.to_pylist()
-            batch_keys = np.empty(len(uids), dtype=np.uint64)
-            batch_dups = np.zeros(len(uids), dtype=bool)
-            for i, (uid, prompt) in enumerate(zip(uids, batch.column(PROMPT_KEY).to_pylist(), strict=True)):
-                if uid in seen:
-                    batch_dups[i] = True
-                    if len(dup_examples) < 5:
-                        dup_examples.append(uid)
-                else:
-                    seen.add(uid)
-                try:
-                    batch_keys[i] = key_of(prompt)
-                except PromptError as err:
-                    raise PipelineError(
-                        f"{path}: column '{PROMPT_KEY}' at row {offset + i}, uid {uid!r}: {err}"
-                    ) from None
+            keys.append(hash_prompts(batch.column(PROMPT_KEY), key_of, path, uid_col, offset))
             rewards.append(values)
-            keys.append(batch_keys)
-            duplicates.append(batch_dups)
-            offset += len(uids)
-    if dup_examples and cfg.dedupe == "error":
-        shown = ", ".join(repr(u) for u in dup_examples)
+            uid_chunks.append(uid_col)
+            offset += len(batch)
+    return RowIndex(np.concatenate(rewards), np.concatenate(keys), find_duplicates(uid_chunks, cfg))
+
+
+def hash_prompts(prompts: pa.Array, key_of, path: str, uids: pa.Array, offset: int) -> np.ndarray:
+    """uint64 key per row; each distinct prompt text is parsed and hashed once (RL data repeats prompts)."""
+    if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
+        if prompts.null_count:
+            at = first_null(prompts)
+            raise PipelineError(f"{path}: column '{PROMPT_KEY}' is null at row {offset + at}, uid {uids[at]}")
+        distinct = pc.unique(prompts)
+        row_to_distinct = pc.index_in(prompts, value_set=distinct).to_numpy()
+        values, rows_of = distinct.to_pylist(), row_to_distinct
+    else:  # a list-of-messages column: no cheap way to dedupe, hash row by row
+        values, rows_of = prompts.to_pylist(), np.arange(len(prompts))
+    distinct_keys = np.empty(len(values), dtype=np.uint64)
+    for j, value in enumerate(values):
+        try:
+            distinct_keys[j] = key_of(value)
+        except PromptError as err:
+            at = int(np.flatnonzero(rows_of == j)[0])
+            raise PipelineError(
+                f"{path}: column '{PROMPT_KEY}' at row {offset + at}, uid {uids[at].as_py()!r}: {err}"
+            ) from None
+    return distinct_keys[rows_of]
+
+
+def find_duplicates(uid_chunks: list[pa.Array], cfg: PrepareConfig) -> np.ndarray:
+    """True for every occurrence of a uid after its first; an error unless dedupe=keep_first."""
+    uids = pa.chunked_array(uid_chunks).combine_chunks()
+    counts = pc.value_counts(uids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    duplicate = np.zeros(len(uids), dtype=bool)
+    if len(repeated) == 0:
+        return duplicate
+    if cfg.dedupe == "error":
+        shown = ", ".join(repr(u) for u in repeated[:5].to_pylist())
         raise PipelineError(f"{cfg.data_path}: column 'uid' has duplicates (first: {shown}); "
                             "remove them or pass --dedupe keep_first")  # fmt: skip
-    return RowIndex(np.concatenate(rewards), np.concatenate(keys), np.concatenate(duplicates))
+    seen: set[str] = set()
+    candidates = np.flatnonzero(pc.is_in(uids, value_set=repeated).to_numpy(zero_copy_only=False))
+    for row, uid in zip(candidates, uids.take(pa.array(candidates)).to_pylist(), strict=True):
+        duplicate[row] = uid in seen
+        seen.add(uid)
+    return duplicate
 
 
 def first_null(column: pa.Array) -> int:
@@ -385,9 +409,30 @@ def split_of(keys: np.ndarray, eval_fraction: float) -> np.ndarray:
     return (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53) < eval_fraction
 
 
-def assistant_message(messages: list[dict], response: str) -> dict:
-    prefix = messages[1]["content"] if len(messages) == 2 else ""
-    return {"role": "assistant", "content": prefix + response}
+def prompt_parts(prompts: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(user message, assistant prefix or "") per row, parsing each distinct prompt once."""
+    prompts = prompts.combine_chunks() if isinstance(prompts, pa.ChunkedArray) else prompts
+    if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
+        distinct = pc.unique(prompts)
+        rows = pa.array(pc.index_in(prompts, value_set=distinct).to_numpy())
+        values = distinct.to_pylist()
+    else:
+        rows, values = None, prompts.to_pylist()
+    parsed = [prompt_messages(v) for v in values]
+    user = pa.array([m[0]["content"] for m in parsed], pa.string())
+    prefix = pa.array([m[1]["content"] if len(m) == 2 else "" for m in parsed], pa.string())
+    return (user, prefix) if rows is None else (user.take(rows), prefix.take(rows))
+
+
+def chat_array(turns: list[tuple[str, pa.Array]]) -> pa.ListArray:
+    """Rows of chat messages built column-wise: turn t of every row has role turns[t][0], content turns[t][1]."""
+    n, k = len(turns[0][1]), len(turns)
+    contents = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for _, c in turns]
+    interleave = pa.array(np.arange(n * k).reshape(k, n).T.ravel())
+    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(interleave)
+    role = pa.array([r for r, _ in turns] * n, pa.string())
+    messages = pa.StructArray.from_arrays([role, content], names=["role", "content"])
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), messages)
 
 
 def token_lengths(tokenizer, prompts: list, responses: list[str]) -> np.ndarray:
@@ -397,7 +442,7 @@ def token_lengths(tokenizer, prompts: list, responses: list[str]) -> np.ndarray:
     return np.array([len(s.input_ids) for s in samples])
 
 
-def build_pairs(bucket_dir: Path, cfg: PrepareConfig) -> list[dict]:
+def build_pairs(bucket_dir: Path, cfg: PrepareConfig) -> pa.Table | None:
     """Preference pairs within each prompt of one bucket: best vs worst first, margin >= `pair_margin`.
 
     Pairs are chosen from ids and rewards alone; only the paired rows' text is then read.
@@ -416,27 +461,22 @@ def build_pairs(bucket_dir: Path, cfg: PrepareConfig) -> list[dict]:
                 break  # pairs further in are closer still
             chosen_rows.append((good, bad))
     if not chosen_rows:
-        return []
-    needed = sorted({i for pair in chosen_rows for i in pair})
-    text = pq.read_table(bucket_dir, columns=["prompt", "response", "is_eval"]).take(pa.array(needed))
-    position = {row: j for j, row in enumerate(needed)}
-    prompts, responses = text.column("prompt").to_pylist(), text.column("response").to_pylist()
-    is_eval = text.column("is_eval").to_pylist()
-    pairs = []
-    for good, bad in chosen_rows:
-        g, b = position[good], position[bad]
-        messages = prompt_messages(prompts[g])
-        pairs.append({
-            "prompt": messages[:1],
-            "chosen": [assistant_message(messages, responses[g])],
-            "rejected": [assistant_message(messages, responses[b])],
-            "chosen_reward": float(rewards[good]),
-            "rejected_reward": float(rewards[bad]),
-            "chosen_uid": uids[good],
-            "rejected_uid": uids[bad],
-            "is_eval": is_eval[g],
-        })  # fmt: skip
-    return pairs
+        return None
+    good, bad = (np.array(side) for side in zip(*chosen_rows, strict=True))
+    text = pq.read_table(bucket_dir, columns=["prompt", "response", "is_eval"])
+    user, prefix = prompt_parts(text.column("prompt").take(pa.array(good)))
+    responses = text.column("response")
+    uid_col = small.column("uid")
+    return pa.table({
+        "prompt": chat_array([("user", user)]),
+        "chosen": chat_array([("assistant", pc.binary_join_element_wise(prefix, responses.take(good), ""))]),
+        "rejected": chat_array([("assistant", pc.binary_join_element_wise(prefix, responses.take(bad), ""))]),
+        "chosen_reward": rewards[good],
+        "rejected_reward": rewards[bad],
+        "chosen_uid": uid_col.take(good),
+        "rejected_uid": uid_col.take(bad),
+        "is_eval": text.column("is_eval").take(good),
+    })  # fmt: skip
 
 
 def sha256_file(path: str) -> str:
@@ -518,7 +558,12 @@ def main(argv: list[str] | None = None) -> dict:
                 offset += n
                 bar.update(n)
                 mask = keep[sl].copy()
-                responses = [strip_code_fence(r) for r in batch.column(cfg.response_key).to_pylist()]
+                response_col = batch.column(cfg.response_key)
+                if response_col.null_count:
+                    at = first_null(response_col)
+                    raise PipelineError(f"{path}: column '{cfg.response_key}' is null at row {offset - n + at}, "
+                                        f"uid {batch.column('uid')[at]}")  # fmt: skip
+                responses = [strip_code_fence(r) for r in response_col.to_pylist()]
                 if tokenizer is not None and cfg.max_length is not None and mask.any():
                     rows = np.flatnonzero(mask)
                     prompts = batch.column(PROMPT_KEY).take(pa.array(rows)).to_pylist()
@@ -532,9 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
                 table = table.set_column(table.schema.get_field_index(cfg.response_key), cfg.response_key,
                                          pa.array(responses, pa.string()))  # fmt: skip
                 table = table.append_column(cfg.reward_output_key, pa.array(rewards[sl]))
-                table = table.append_column(
-                    "prompt_id", pa.array([f"{k:016x}" for k in index.prompt_keys[sl]])
-                )
+                table = table.append_column("prompt_id", pa.array(index.prompt_keys[sl]))
                 selected = table.filter(pa.array(mask))
                 eval_rows = is_eval[sl][mask]
                 for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
@@ -543,11 +586,14 @@ def main(argv: list[str] | None = None) -> dict:
                         writers["rl", split].write(part)
                     if "sft" in views:
                         pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
-                        msgs = [[prompt_messages(p)[0], assistant_message(prompt_messages(p), r)] for p, r in
-                                zip(pos.column(PROMPT_KEY).to_pylist(), pos.column(cfg.response_key).to_pylist(), strict=True)]  # fmt: skip
-                        if msgs:
-                            writers["sft", split].write(pa.table({"uid": pos.column("uid"), "messages": msgs,
-                                                                  cfg.reward_output_key: pos.column(cfg.reward_output_key)}))  # fmt: skip
+                        if pos.num_rows:
+                            user, prefix = prompt_parts(pos.column(PROMPT_KEY))
+                            answer = pc.binary_join_element_wise(prefix, pos.column(cfg.response_key), "")
+                            messages = chat_array([("user", user), ("assistant", answer)])
+                            writers["sft", split].write(pa.table({
+                                "uid": pos.column("uid"), "messages": messages,
+                                cfg.reward_output_key: pos.column(cfg.reward_output_key),
+                            }))  # fmt: skip
                 if "pairs" in views:
                     keys = index.prompt_keys[sl][mask]
                     rows_for_pairs = pa.table({
@@ -577,12 +623,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if not bucket.rows:
                     continue
                 pairs = build_pairs(bucket.folder, cfg)
-                for split, flag in (("train", False), ("eval", True)):
-                    chosen = [
-                        {k: v for k, v in p.items() if k != "is_eval"} for p in pairs if p["is_eval"] == flag
-                    ]
-                    if chosen:
-                        pair_writers[split].write(pa.Table.from_pylist(chosen))
+                if pairs is None:
+                    continue
+                held_out = pairs.column("is_eval")
+                for split, split_mask in (("train", pc.invert(held_out)), ("eval", held_out)):
+                    pair_writers[split].write(pairs.filter(split_mask).drop_columns(["is_eval"]))
             for split, writer in pair_writers.items():
                 writer.close()
                 rows_out[f"pairs_{split}"] = writer.rows
