@@ -25,6 +25,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.prepare",
         "Validate, clean, transform, filter and split reward-keyed code-RL parquet into training views.",
     ),
+    "logp": (
+        "pipeline.stages.logp",
+        "Per-token reference log-probs of every prepared response, stored by uid (resumable, multi-process).",
+    ),
     "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
     "generate": (
         "pipeline.stages.generate",

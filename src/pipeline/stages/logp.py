@@ -1,0 +1,356 @@
+"""Logp stage: per-token log-probs of every response under the reference model, computed once, stored by uid.
+
+    pipeline logp --data_path data/prepared --model_name_or_path MODEL [--tag ref] [--max_length 2048]
+    torchrun --nproc_per_node 8 -m pipeline.cli logp --data_path ... # or scripts/run_logp.sh DATA MODEL TAG
+    pipeline logp --import_pickles OLD_DIR --output_dir data/prepared_ref_logp  # migrate old per-rank pickles
+
+Reads a `pipeline prepare` output (its `rl/{train,eval}` shards and `manifest.json`) and writes
+`{data_path}_{tag}_logp/` (or `--output_dir`): `{split}-part-NNNNN.parquet` with `uid`, `logps` (float32 per
+response token), `n_tokens`, `sum_logp`, `truncated`, and `manifest.json` (model and tokenizer fingerprints,
+max_length, dtype, the prepare manifest). Prompt + response go through `tokenize_prompt_response`, the same
+function the training stages use, so stored log-probs line up token for token.
+
+Work is cut into parts of `part_rows` consecutive rows; rank r of W takes parts r, r+W, ...; each part is
+written under a temporary name and renamed, so a rerun skips finished parts and recomputes nothing. The
+manifest is written last, after every uid was checked to be present exactly once.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.configs import parse_stage_args
+from pipeline.data import write_parquet_atomic
+from pipeline.errors import PipelineError
+from pipeline.runinfo import atomic_write_text
+
+logger = logging.getLogger("pipeline.logp")
+SCHEMA_VERSION = 1
+JOB_FILE = "job.json"
+LOGP_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("logps", pa.list_(pa.float32())),
+        ("n_tokens", pa.int32()),
+        ("sum_logp", pa.float64()),
+        ("truncated", pa.bool_()),
+    ]
+)
+
+
+@dataclass
+class LogpConfig:
+    data_path: str | None = field(default=None, metadata={"help": "A `pipeline prepare` output folder."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Reference model (local folder)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: {data_path}_{tag}_logp."})
+    tag: str = field(default="ref", metadata={"help": "Names the default output folder."})
+    splits: str = field(default="train,eval", metadata={"help": "Splits of the prepare output to score."})
+    max_length: int = field(
+        default=2048, metadata={"help": "Prompt + response tokens; responses are cut to fit."}
+    )
+    token_budget: int = field(
+        default=16384,
+        metadata={"help": "Padded tokens per forward pass (rows are length-sorted within a part)."},
+    )
+    lm_head_chunk: int = field(default=1024, metadata={"help": "Tokens per lm_head/log-softmax chunk."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, flex_attention."})
+    part_rows: int = field(default=4096, metadata={"help": "Rows per part file (the unit of resumption)."})
+    max_parts: int | None = field(default=None, metadata={"help": "Stop after this many parts per rank."})
+    import_pickles: str | None = field(
+        default=None, metadata={"help": "Convert a folder of old per-rank pickles {uid: logps} instead."}
+    )
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+
+def sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Hash of config.json and the weight files: two runs agree only on the very same reference model."""
+    folder = Path(model_dir)
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    if not weights or not (folder / "config.json").is_file():
+        raise PipelineError(f"model_name_or_path '{model_dir}' has no config.json or weight files")
+    return sha256_files([folder / "config.json", *weights])
+
+
+# ------------------------------------------------------------------------------------------ input rows
+
+
+@dataclass
+class SplitInput:
+    name: str
+    files: list[str]
+    rows: list[int]  # rows per file
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows)
+
+
+def read_prepare_output(data_path: str, splits: list[str]) -> tuple[dict, list[SplitInput]]:
+    manifest_path = Path(data_path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise PipelineError(f"{data_path}: no manifest.json; point data_path at a `pipeline prepare` output")
+    manifest = json.loads(manifest_path.read_text())
+    inputs = []
+    for split in splits:
+        files = sorted(glob.glob(str(Path(data_path) / "rl" / f"{split}-*.parquet")))
+        rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        inputs.append(SplitInput(split, files, rows))
+    if not any(s.total for s in inputs):
+        raise PipelineError(f"{data_path}: no rows in rl/{{{','.join(splits)}}}-*.parquet")
+    return manifest, inputs
+
+
+def read_rows(split: SplitInput, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a split that spans several files, reading only the files it touches."""
+    pieces, offset = [], 0
+    for path, count in zip(split.files, split.rows, strict=True):
+        lo, hi = max(start, offset), min(stop, offset + count)
+        if lo < hi:
+            pieces.append(pq.read_table(path, columns=columns).slice(lo - offset, hi - lo))
+        offset += count
+    return pa.concat_tables(pieces)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def score_part(model, tokenizer, table: pa.Table, response_key: str, cfg: LogpConfig) -> pa.Table:
+    import torch
+
+    from pipeline.scoring import response_logps, token_budget_batches
+    from pipeline.tokenization import parse_prompt, tokenize_prompt_response
+
+    prompts = [parse_prompt(p) for p in table.column("prompt_pretokenized").to_pylist()]
+    samples = tokenize_prompt_response(
+        tokenizer, prompts, table.column(response_key).to_pylist(), cfg.max_length
+    )
+    logps: list[np.ndarray | None] = [None] * len(samples)
+    for batch in token_budget_batches([len(s.input_ids) for s in samples], cfg.token_budget):
+        with torch.inference_mode():
+            out = response_logps(
+                model, [samples[i] for i in batch], tokenizer.pad_token_id, cfg.lm_head_chunk
+            )
+        for i, values in zip(batch, out, strict=True):
+            logps[i] = values.float().cpu().numpy()
+    return pa.table(
+        {
+            "uid": table.column("uid"),
+            "logps": pa.array([v.astype(np.float32) for v in logps], pa.list_(pa.float32())),
+            "n_tokens": pa.array([len(v) for v in logps], pa.int32()),
+            "sum_logp": pa.array([float(v.astype(np.float64).sum()) for v in logps], pa.float64()),
+            "truncated": pa.array([s.truncated for s in samples]),
+        },
+        schema=LOGP_SCHEMA,
+    )
+
+
+def part_path(output_dir: Path, split: str, index: int) -> Path:
+    return output_dir / f"{split}-part-{index:05d}.parquet"
+
+
+def verify_output(output_dir: Path, inputs: list[SplitInput]) -> dict[str, int]:
+    """Every input uid present exactly once, and nothing else."""
+    counts = {}
+    for split in inputs:
+        expected = pa.concat_arrays(
+            [pq.read_table(f, columns=["uid"]).column("uid").combine_chunks() for f in split.files]
+        ) if split.files else pa.array([], pa.string())  # fmt: skip
+        parts = sorted(output_dir.glob(f"{split.name}-part-*.parquet"))
+        got = (pa.concat_arrays([pq.read_table(p, columns=["uid"]).column("uid").combine_chunks() for p in parts])
+               if parts else pa.array([], pa.string()))  # fmt: skip
+        if len(got) != len(expected) or len(set(got.to_pylist())) != len(got):
+            raise PipelineError(f"{output_dir}: split '{split.name}' has {len(got)} logp rows for "
+                                f"{len(expected)} input rows (or repeated uids); rerun to finish it")  # fmt: skip
+        if set(got.to_pylist()) != set(expected.to_pylist()):
+            raise PipelineError(f"{output_dir}: split '{split.name}' uids differ from the input's")
+        counts[split.name] = len(got)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ migration
+
+
+def import_pickles(source: str, output_dir: Path) -> dict:
+    """Old format: one pickle per rank holding {uid: per-token logps}. No tokenizer check is possible."""
+    files = sorted(p for p in Path(source).glob("*") if p.suffix in (".pkl", ".pickle", ".pt", ""))
+    files = [p for p in files if p.is_file()]
+    if not files:
+        raise PipelineError(f"import_pickles: no pickle files in '{source}'")
+    rows: dict[str, np.ndarray] = {}
+    for path in files:
+        try:
+            with open(path, "rb") as fh:
+                content = pickle.load(fh)  # the users' own files from the old pipeline
+        except Exception as err:
+            raise PipelineError(f"import_pickles: {path}: not a readable pickle ({err})") from None
+        if not isinstance(content, dict):
+            raise PipelineError(
+                f"import_pickles: {path}: expected a dict of uid -> logps, got {type(content).__name__}"
+            )
+        for uid, values in content.items():
+            if hasattr(values, "detach"):  # torch tensors
+                values = values.detach().float().cpu().numpy()
+            if str(uid) in rows:
+                raise PipelineError(f"import_pickles: uid {uid!r} appears in more than one pickle ({path})")
+            rows[str(uid)] = np.asarray(values, dtype=np.float32).reshape(-1)
+    uids = sorted(rows)
+    table = pa.table(
+        {
+            "uid": pa.array(uids, pa.string()),
+            "logps": pa.array([rows[u] for u in uids], pa.list_(pa.float32())),
+            "n_tokens": pa.array([len(rows[u]) for u in uids], pa.int32()),
+            "sum_logp": pa.array([float(rows[u].astype(np.float64).sum()) for u in uids]),
+            "truncated": pa.array([False] * len(uids)),
+        },
+        schema=LOGP_SCHEMA,
+    )
+    write_parquet_atomic(table, part_path(output_dir, "imported", 0))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": "logp",
+        "imported_from": os.path.abspath(source),
+        "source_files": [p.name for p in files],
+        "rows": {"imported": len(uids)},
+        "tokenizer_fingerprint": None,
+        "tokenizer_check": "not possible: imported from per-rank pickles without tokenizer or max_length",
+        "model_fingerprint": None,
+    }
+    atomic_write_text(output_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = parse_stage_args((LogpConfig,), argv, "logp")
+    if cfg.import_pickles:
+        if not cfg.output_dir:
+            raise PipelineError("import_pickles needs --output_dir")
+        return import_pickles(cfg.import_pickles, Path(cfg.output_dir))
+    if not cfg.data_path or not cfg.model_name_or_path:
+        raise PipelineError("data_path and model_name_or_path are required")
+    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    prepare_manifest, inputs = read_prepare_output(cfg.data_path, splits)
+    output_dir = Path(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp")
+
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.scoring import check_scorable
+    from pipeline.tokenization import tokenizer_fingerprint
+
+    # on a machine without CUDA, ranks started by torchrun still form a (gloo) process group
+    state = PartialState(cpu=not torch.cuda.is_available())
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    if prepare_manifest.get("tokenizer_fingerprint") not in (None, tok_fp):
+        raise PipelineError(
+            f"{cfg.data_path}: prepared with tokenizer {prepare_manifest['tokenizer_fingerprint']}, but "
+            f"{cfg.model_name_or_path} has tokenizer {tok_fp}; rerun prepare with this tokenizer"
+        )
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if state.device.type == "cuda" else "float32"
+    job = {
+        "schema_version": SCHEMA_VERSION,
+        "model_fingerprint": model_fingerprint(cfg.model_name_or_path),
+        "tokenizer_fingerprint": tok_fp,
+        "max_length": cfg.max_length,
+        "dtype": dtype,
+        "prepare_manifest_sha256": hashlib.sha256(
+            json.dumps(prepare_manifest, sort_keys=True).encode()
+        ).hexdigest(),
+        "splits": {s.name: s.total for s in inputs},
+        "part_rows": cfg.part_rows,
+    }
+    job_path = output_dir / JOB_FILE
+    if job_path.is_file():
+        previous = json.loads(job_path.read_text())
+        changed = [k for k in job if previous.get(k) != job[k]]
+        if changed:
+            raise PipelineError(
+                f"{output_dir} holds logps of another job ({', '.join(changed)} differ); "
+                "use another --output_dir or --tag, or delete it"
+            )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        atomic_write_text(job_path, json.dumps(job, indent=2) + "\n")
+
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model_name_or_path, dtype=getattr(torch, dtype), attn_implementation=cfg.attn_implementation
+    ).to(state.device)
+    model.eval()
+    check_scorable(model)
+    response_key = prepare_manifest.get("columns", {}).get("response", "unprocessed_response")
+
+    mine = [(split, index) for split in inputs
+            for index in range(state.process_index, -(-split.total // cfg.part_rows), state.num_processes)]  # fmt: skip
+    todo = [(split, index) for split, index in mine if not part_path(output_dir, split.name, index).is_file()]
+    if cfg.max_parts is not None:
+        todo = todo[: cfg.max_parts]
+    logger.info("logp rank %d/%d: %d parts to score, %d finished earlier", state.process_index,
+                state.num_processes, len(todo), len(mine) - len(todo))  # fmt: skip
+    bar = tqdm(total=len(todo), desc=f"logp rank {state.process_index}", unit="part",
+               disable=not state.is_local_main_process)  # fmt: skip
+    tokens, started = 0, time.time()
+    for split, index in todo:
+        start = index * cfg.part_rows
+        rows = read_rows(split, start, min(split.total, start + cfg.part_rows),
+                         ["uid", "prompt_pretokenized", response_key])  # fmt: skip
+        part = score_part(model, tokenizer, rows, response_key, cfg)
+        write_parquet_atomic(part, part_path(output_dir, split.name, index))
+        tokens += pc.sum(part.column("n_tokens")).as_py() or 0
+        bar.update(1)
+        bar.set_postfix(resp_tokens_per_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
+    bar.close()
+    state.wait_for_everyone()
+
+    manifest = {}
+    if state.is_main_process and (cfg.max_parts is None or all(
+        part_path(output_dir, s.name, i).is_file() for s in inputs for i in range(-(-s.total // cfg.part_rows))
+    )):  # fmt: skip
+        counts = verify_output(output_dir, inputs)
+        manifest = {
+            **job,
+            "stage": "logp",
+            "config": asdict(cfg),
+            "rows": counts,
+            "response_column": response_key,
+            "prepare_manifest": prepare_manifest,
+            "world_size": state.num_processes,
+        }
+        atomic_write_text(output_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        logger.info("logp: %s rows scored into %s", counts, output_dir)
+    state.wait_for_everyone()
+    return manifest
