@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Reference log-probs of every response of a `pipeline prepare` output, stored next to it.
+#
+#   scripts/run_logp.sh DATAPATH MODELPATH TAG        # writes DATAPATH_TAG_logp/
+#
+# Knobs (environment): bsz (rows per device batch, default 8), ml (max prompt+response tokens, default 2000),
+# gpu (processes per node), multi-node: WORKER_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT, NUM_GPUS;
+# out (output folder, default DATAPATH_TAG_logp); dryrun=1 prints the command. Extra arguments after TAG
+# are passed to `pipeline logp` (e.g. --part_rows 2048). Rerunning the same command resumes.
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: $0 DATAPATH MODELPATH TAG [extra pipeline logp flags]" >&2
+  exit 2
+fi
+datapath=${1%/}; modelpath=$2; tag=$3; shift 3
+source "$(dirname "$0")/_launch.sh"
+launch_prefix
+bsz=${bsz:-8}; ml=${ml:-2000}
+run_or_print "${LAUNCH[@]}" -m pipeline.cli logp \
+  --data_path "$datapath" --model_name_or_path "$modelpath" --tag "$tag" \
+  --output_dir "${out:-${datapath}_${tag}_logp}" --max_length "$ml" --token_budget $((bsz * ml)) "$@"
