@@ -26,5 +26,7 @@ launch_prefix() {
 }
 
 run_or_print() {
-  if [ "${dryrun:-0}" = "1" ]; then printf '%q ' "$@"; echo; else exec "$@"; fi
+  local args=()
+  for a in "$@"; do [ -n "$a" ] && args+=("$a"); done  # drop emptied entries
+  if [ "${dryrun:-0}" = "1" ]; then printf '%q ' "${args[@]}"; echo; else exec "${args[@]}"; fi
 }

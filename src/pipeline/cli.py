@@ -29,6 +29,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.logp",
         "Per-token reference log-probs of every prepared response, stored by uid (resumable, multi-process).",
     ),
+    "ips": (
+        "pipeline.stages.ips",
+        "Offline importance-sampling training (IPS/TOPR/RWR + KL) from prepared rows and stored logps.",
+    ),
     "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
     "generate": (
         "pipeline.stages.generate",

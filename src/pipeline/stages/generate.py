@@ -54,6 +54,20 @@ def generate(tokenizer, model, prompts: list[str], max_new_tokens: int = 64) -> 
     return answers
 
 
+def greedy_pass_rate(tokenizer, model, problems, max_new_tokens: int = 48, timeout: float = 5.0) -> float:
+    """Share of problems whose greedy answer (one code fence stripped) passes all their tests in the sandbox.
+
+    `problems`: objects with `prompt` and `tests` (e.g. `pipeline.tasks.synthetic.Problem`).
+    """
+    from pipeline.sandbox import run_many, strip_code_fence
+
+    answers = generate(tokenizer, model, [p.prompt for p in problems], max_new_tokens)
+    results = run_many(
+        [(strip_code_fence(a), p.tests) for a, p in zip(answers, problems, strict=True)], timeout
+    )
+    return sum(r.status == "passed" for r in results) / max(len(problems), 1)
+
+
 def prompts_from_file(spec: str, limit: int) -> list[str]:
     from pipeline.data import load_files
 

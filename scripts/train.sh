@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Offline IPS training from a prepared dataset and its reference logps (made by scripts/run_logp.sh).
+#
+#   scripts/train.sh DATAPATH MODELPATH TAG REWARDKEY RSPKEY DATAFILTER [extra pipeline ips flags]
+#
+# DATAPATH: a `pipeline prepare` output; its logps are read from DATAPATH_TAG_logp (run_logp.sh's naming).
+# REWARDKEY: reward column of the rl view (`reward` = after prepare's transforms, or the raw column name).
+# RSPKEY: response column (must be the one the logps scored). DATAFILTER: none | posonly | negonly.
+# Knobs (environment): bsz (per device, 4), gacc (gradient accumulation, 8), lr (in 1e-6: lr=10 is 1e-5;
+# default 1), gpu (processes per node), kl (0.5), ml (max tokens, 2000), proj (W&B project; unset: no W&B),
+# numepoch (3), out (output folder), ds (DeepSpeed config, deepspeed_configs/zero2.json), dryrun=1;
+# multi-node: WORKER_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT, NUM_GPUS.
+# With no GPU it runs one CPU process without DeepSpeed, so the same command makes a small trial.
+set -euo pipefail
+if [ $# -lt 6 ]; then
+  echo "usage: $0 DATAPATH MODELPATH TAG REWARDKEY RSPKEY DATAFILTER [extra pipeline ips flags]" >&2
+  exit 2
+fi
+datapath=${1%/}; modelpath=$2; tag=$3; rewardkey=$4; rspkey=$5; datafilter=$6; shift 6
+here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/scripts/_launch.sh"
+launch_prefix
+if [ "${LAUNCH[2]}" != "--cpu" ]; then
+  # DeepSpeed replaces plain DDP (accelerate takes one or the other)
+  LAUNCH=("${LAUNCH[@]/--multi_gpu/}")
+  LAUNCH+=(--use_deepspeed --deepspeed_config_file "${ds:-$here/deepspeed_configs/zero2.json}")
+fi
+report=(--report_to none)
+if [ -n "${proj:-}" ]; then export WANDB_PROJECT=$proj; report=(--report_to wandb); fi
+bf16=false; if [ "${LAUNCH[2]}" != "--cpu" ]; then bf16=true; fi
+run_or_print "${LAUNCH[@]}" -m pipeline.cli ips \
+  --data_path "$datapath" --model_name_or_path "$modelpath" --ref_tag "$tag" \
+  --logp_dir "${datapath}_${tag}_logp" \
+  --output_dir "${out:-${datapath}_${tag}_ips_${rewardkey}_${datafilter}}" \
+  --reward_key "$rewardkey" --response_key "$rspkey" --datafilter "$datafilter" \
+  --per_device_train_batch_size "${bsz:-4}" --gradient_accumulation_steps "${gacc:-8}" \
+  --learning_rate "${lr:-1}e-6" --kl_coef "${kl:-0.5}" --max_length "${ml:-2000}" \
+  --num_train_epochs "${numepoch:-3}" --bf16 "$bf16" --gradient_checkpointing false \
+  --save_strategy epoch --logging_steps 10 "${report[@]}" "$@"
