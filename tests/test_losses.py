@@ -24,8 +24,9 @@ def run(**cfg):
 def by_hand(weights, kl_coef=0.5, discount=0.5, estimator="k1"):
     """Loss and gradient written out element by element for this 2×2 example."""
     p, q, r = POLICY, REF, REWARDS
-    k = (lambda a, b: a - b) if estimator == "k1" else (lambda a, b: math.exp(b - a) - (b - a) - 1)
-    dk = (lambda a, b: 1.0) if estimator == "k1" else (lambda a, b: -math.exp(b - a) + 1)
+    # KL(π_ref ‖ πθ) per token from samples of π_ref, a = log πθ, b = log π_ref
+    k = (lambda a, b: b - a) if estimator == "k1" else (lambda a, b: math.exp(a - b) - 1 - (a - b))
+    dk = (lambda a, b: -1.0) if estimator == "k1" else (lambda a, b: math.exp(a - b) - 1)
     w = [kl_coef, kl_coef * discount]  # sample 1 has a negative reward
     l0 = (r[0] * weights[0][0] * -p[0][0] + r[0] * weights[0][1] * -p[0][1]) / 2 + w[0] * (
         k(p[0][0], q[0][0]) + k(p[0][1], q[0][1])) / 2  # fmt: skip
@@ -65,8 +66,8 @@ def test_loss_value_and_gradient(cfg, weights):
 def test_ips_value_spelled_out():
     # one number computed on paper, so a wrong formula shared by code and helper cannot hide
     loss, _, _ = run(loss_type="ips")
-    l0 = 0.5 * (1.2 * 1.0 + math.exp(-0.5) * 2.0) + 0.5 * (0.2 - 0.5) / 2
-    l1 = -0.5 * math.exp(-0.2) * 0.5 + 0.25 * (-0.5 + 0.3)
+    l0 = 0.5 * (1.2 * 1.0 + math.exp(-0.5) * 2.0) + 0.5 * (-0.2 + 0.5) / 2
+    l1 = -0.5 * math.exp(-0.2) * 0.5 + 0.25 * (0.5 - 0.3)
     assert loss == pytest.approx((l0 + l1) / 2, abs=1e-12)
 
 
@@ -77,9 +78,9 @@ def test_kl_term_reaches_the_gradient():
     diff = [
         [a - b for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(grad_with, grad_without, strict=True)
     ]
-    # d/dp of 0.5·KL (k1) averaged over the batch: 0.5 · 1/|y| · 1/B, discounted ×0.5 for the negative sample
-    assert diff[0] == pytest.approx([0.5 * 0.5 / 2, 0.5 * 0.5 / 2], abs=1e-12)
-    assert diff[1] == pytest.approx([0.25 * 0.5, 0.0], abs=1e-12)
+    # d/dp of 0.5·KL (k1 = log π_ref − log πθ) over the batch: −0.5 · 1/|y| · 1/B, ×0.5 for the negative sample
+    assert diff[0] == pytest.approx([-0.5 * 0.5 / 2, -0.5 * 0.5 / 2], abs=1e-12)
+    assert diff[1] == pytest.approx([-0.25 * 0.5, 0.0], abs=1e-12)
     _, grad_discount, _ = run(kl_coef=0.5, kl_neg_discount=1.0)
     assert grad_discount[1][0] != pytest.approx(grad_with[1][0])
 

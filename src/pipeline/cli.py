@@ -33,6 +33,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.ips",
         "Offline importance-sampling training (IPS/TOPR/RWR + KL) from prepared rows and stored logps.",
     ),
+    "eval-code": (
+        "pipeline.stages.eval_code",
+        "Run HumanEval-format code samples in the sandbox; write <samples>_results.jsonl and print pass@k.",
+    ),
     "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
     "generate": (
         "pipeline.stages.generate",

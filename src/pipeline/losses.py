@@ -8,13 +8,17 @@ log πθ(y_t) (with gradient) and stored reference log-probs log π_ref(y_t):
              = 1 if r_i ≥ 0,  clip(ρ_t, 0, 1) if r_i < 0                loss_type "topr" (arXiv 2503.14286)
              = 1                                                        loss_type "rwr"  (no importance weight)
     L_i      = (1/|y_i|) Σ_t m_t · r_i · ρ̃_t · (−log πθ(y_t))
-    KL_i     = (1/|y_i|) Σ_t m_t · k_t,   k1: k_t = log πθ − log π_ref
-                                          k3: k_t = exp(log π_ref − log πθ) − (log π_ref − log πθ) − 1
+    KL_i     = (1/|y_i|) Σ_t m_t · k_t,   k1: k_t = log π_ref − log πθ
+                                          k3: k_t = ρ_t − 1 − log ρ_t   (ρ_t with gradient here)
     w_i      = kl_coef · (kl_neg_discount if r_i < 0 else 1)
     loss     = mean_i (L_i + w_i · KL_i)
 
-The KL term is computed from the same policy log-probs as L_i and *then* added, so it reaches the gradient
-(the original code added it before computing it, so it never did). Rows with no response token contribute 0.
+KL_i estimates KL(π_ref ‖ πθ) from the logged responses, which were sampled from (roughly) the reference:
+under y ~ π_ref both k1 and k3 are unbiased, and k3 is never negative. (The other direction's estimator,
+log πθ − log π_ref, has a gradient that lowers the likelihood of every logged token without bound when
+minimized on these samples: it is not offered.) The KL term is computed from the same policy log-probs
+as L_i and *then* added, so it reaches the gradient (the original code added it before computing it, so
+it never did). Rows with no response token contribute 0.
 """
 
 from __future__ import annotations
@@ -56,11 +60,11 @@ def importance_weights(
 
 
 def kl_per_token(policy_logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    log_ratio = policy_logps - ref_logps  # log ρ, with gradient
     if estimator == "k1":
-        return policy_logps - ref_logps
+        return -log_ratio
     if estimator == "k3":
-        log_ratio = ref_logps - policy_logps
-        return torch.exp(log_ratio) - log_ratio - 1
+        return torch.exp(log_ratio) - 1 - log_ratio
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.data import write_parquet_atomic
 from pipeline.errors import PipelineError
+from pipeline.rewards import reward_from_fraction
 from pipeline.sandbox import run_many, strip_code_fence
 
 __all__ = [
@@ -329,7 +330,7 @@ def coderl_rows(
                 "uid": f"{prob.task_id}/r{j}",
                 "prompt_pretokenized": json.dumps(_user(prob.prompt)),
                 response_key: resp,
-                reward_key: 2.0 * frac - 1.0,
+                reward_key: reward_from_fraction(frac),
                 "task_id": prob.task_id,
                 "pass_fraction": frac,
             }

@@ -1,0 +1,253 @@
+"""Functional correctness of code samples in the sandbox, and the unbiased pass@k estimate.
+
+    pipeline eval-code --samples samples.jsonl --problems HumanEval.jsonl.gz --k 1,10 --timeout 3
+
+The file formats are HumanEval's. Problems (JSON lines, optionally gzipped) have ``task_id``, ``prompt``,
+``test`` and ``entry_point`` (``canonical_solution`` is optional). Samples have ``task_id`` and
+``completion``; the other keys are kept. Each sample runs as ``prompt + completion + "\\n" + test +
+"\\ncheck(entry_point)\\n"`` in a fresh sandbox (:mod:`pipeline.sandbox`). It passes iff that program runs
+to its end. ``<samples>_results.jsonl`` gets every sample with ``passed`` and ``result`` (``passed``,
+``timed out`` or ``failed: <reason>``). The file is written under a temporary name and renamed when
+complete. The last line on stdout is a JSON object with ``pass@k`` for every k.
+
+pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem (n samples, c correct), averaged
+over problems. A problem with fewer than k samples is left out of that k's average, and the count left out
+is reported. When every problem is left out, the value is null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.rewards import humaneval_program
+from pipeline.sandbox import ExecResult, Limits, isolation, run_many
+
+PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
+SAMPLE_KEYS = ("task_id", "completion")
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for every non-blank line of a JSON-lines file, plain or gzipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what}: file not found: '{path}'")
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"  # by content, not name: a .gz suffix may lie either way
+    opener = gzip.open if gzipped else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise PipelineError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                if not isinstance(obj, dict):
+                    raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, obj
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: cannot read ({e})") from None
+
+
+def _require(obj: dict[str, Any], keys: Sequence[str], path: str | os.PathLike, lineno: int) -> None:
+    for key in keys:
+        if key not in obj:
+            raise PipelineError(f"{path}:{lineno}: missing key '{key}'")
+        if not isinstance(obj[key], str):
+            raise PipelineError(
+                f"{path}:{lineno}: key '{key}' must be a string, got {type(obj[key]).__name__}"
+            )
+
+
+def load_problems(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """task_id -> problem, checking the keys HumanEval's format requires."""
+    problems: dict[str, dict[str, Any]] = {}
+    for lineno, obj in read_jsonl(path, "--problems"):
+        _require(obj, PROBLEM_KEYS, path, lineno)
+        if obj["task_id"] in problems:
+            raise PipelineError(f"{path}:{lineno}: duplicate task_id '{obj['task_id']}'")
+        problems[obj["task_id"]] = obj
+    if not problems:
+        raise PipelineError(f"{path}: no problems in the file")
+    return problems
+
+
+def load_samples(
+    path: str | os.PathLike, problems: dict[str, dict[str, Any]], problems_path: str
+) -> list[dict]:
+    samples = []
+    for lineno, obj in read_jsonl(path, "--samples"):
+        _require(obj, SAMPLE_KEYS, path, lineno)
+        if obj["task_id"] not in problems:
+            raise PipelineError(
+                f"{path}:{lineno}: key 'task_id': '{obj['task_id']}' is not in problems file '{problems_path}'"
+            )
+        samples.append(obj)
+    if not samples:
+        raise PipelineError(f"{path}: no samples in the file")
+    return samples
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``n`` samples of which ``c`` are correct (needs ``n >= k``).
+
+    1 - C(n-c, k) / C(n, k) as the product prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials, no overflow.
+    """
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every draw of k holds a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int]) -> dict[str, Any]:
+    """``pass@k`` averaged over the problems with at least k samples, and how many were left out per k."""
+    out: dict[str, Any] = {}
+    skipped: dict[str, int] = {}
+    for k in ks:
+        values = [pass_at_k(n, c, k) for n, c in counts.values() if n >= k]
+        out[f"pass@{k}"] = sum(values) / len(values) if values else None
+        if len(values) < len(counts):
+            skipped[f"pass@{k}"] = len(counts) - len(values)
+    out["skipped_problems"] = skipped
+    return out
+
+
+def result_text(res: ExecResult) -> str:
+    """HumanEval's ``result`` strings: "passed", "timed out", "failed: <reason>"."""
+    if res.status == "passed":
+        return "passed"
+    if res.status == "timeout":
+        return "timed out"
+    return f"failed: {res.error or res.status}"
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def evaluate(
+    samples_path: str,
+    problems_path: str,
+    ks: Sequence[int] = (1, 10),
+    timeout: float = 3.0,
+    workers: int | None = None,
+    limits: Limits | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every sample, write ``<samples>_results.jsonl``, and return the pass@k summary."""
+    problems = load_problems(problems_path)
+    samples = load_samples(samples_path, problems, problems_path)
+    jobs = []
+    for s in samples:
+        p = problems[s["task_id"]]
+        jobs.append((humaneval_program(p["prompt"], s["completion"], p["test"], p["entry_point"]), None))
+    results = run_many(
+        jobs,
+        timeout=timeout,
+        workers=workers,
+        limits=limits,
+        progress="executing samples" if progress else None,
+    )
+    counts: dict[str, tuple[int, int]] = {}
+    rows = []
+    for sample, res in zip(samples, results, strict=True):
+        n, c = counts.get(sample["task_id"], (0, 0))
+        counts[sample["task_id"]] = (n + 1, c + (res.status == "passed"))
+        rows.append({**sample, "result": result_text(res), "passed": res.status == "passed"})
+    results_path = Path(f"{samples_path}_results.jsonl")  # HumanEval's naming: samples.jsonl_results.jsonl
+    _write_jsonl_atomic(results_path, rows)
+    summary = estimate_pass_at_k(counts, ks)
+    summary.update(
+        {
+            "num_samples": len(samples),
+            "num_passed": sum(row["passed"] for row in rows),
+            "num_problems": len(counts),
+            "problems_without_samples": len(problems) - len(counts),
+            "timeout": timeout,
+            "sandbox": isolation().tier,
+            "results": str(results_path),
+        }
+    )
+    return summary
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got '{text}'"
+        ) from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got '{text}'")
+    return sorted(set(ks))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="pipeline eval-code",
+        description=__doc__.split("\n\n")[0],
+        epilog="example:\n" + __doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--samples", required=True, help="JSON lines with task_id and completion")
+    parser.add_argument(
+        "--problems",
+        required=True,
+        help="JSON lines (.jsonl or .jsonl.gz) with task_id, prompt, test, entry_point",
+    )
+    parser.add_argument(
+        "--k", type=_parse_ks, default=[1, 10], help="comma-separated k values (default: 1,10)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3.0, help="wall-clock seconds per sample (default: 3)"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="parallel executions (default: CPU count)")
+    parser.add_argument(
+        "--memory_mb",
+        type=int,
+        default=Limits.memory_bytes // 2**20,
+        help="address-space limit per sandboxed process, MiB (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+    summary = evaluate(
+        args.samples,
+        args.problems,
+        ks=args.k,
+        timeout=args.timeout,
+        workers=args.workers,
+        limits=Limits(memory_bytes=args.memory_mb * 2**20),
+    )
+    for key, count in summary["skipped_problems"].items():
+        print(f"{key}: left out {count} problem(s) with fewer than k samples", file=sys.stderr)
+    print(f"results: {summary['results']}", file=sys.stderr)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

