@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from pipeline.data import atomic_directory
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -119,17 +119,9 @@ def make_tiny_model(
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer(vocab_size=vocab_size)
     model = build_model(tokenizer, seed=seed, arch=arch, **model_kwargs)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 

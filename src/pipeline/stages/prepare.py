@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.configs import parse_stage_args
-from pipeline.data import resolve_files
+from pipeline.data import atomic_directory, resolve_files
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 from pipeline.sandbox import strip_code_fence
@@ -540,9 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     is_eval = split_of(index.prompt_keys, cfg.eval_fraction)
 
     # pass 2: clean, filter by length, write the views into a temporary folder
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         writers = {(view, split): ShardWriter(tmp / view, split, cfg)
                    for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
         # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
@@ -652,12 +649,6 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": round(time.time() - started, 3),
         }
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("prepare: %d rows in, %s out, drops %s -> %s", rows_in, rows_out, drops, out)
     print(json.dumps({"output_dir": str(out), "rows_in": rows_in, "rows_out": rows_out, "drops": drops}))
     return manifest
