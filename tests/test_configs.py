@@ -126,3 +126,12 @@ def test_stage_help_lists_every_field(capsys):
     out = capsys.readouterr().out
     for flag in ("--train_data", "--learning_rate", "--assistant_only_loss", "--lora_r", "--load_in_4bit"):
         assert flag in out
+
+
+def test_str_or_bool_fields_take_both(tmp_path):
+    _, train, _ = parse_stage_args(TYPES, ["--output_dir", str(tmp_path), "--include_num_input_tokens_seen",
+                                           "non_padding"], "sft")  # fmt: skip
+    assert train.include_num_input_tokens_seen == "non_padding"
+    _, train, _ = parse_stage_args(TYPES, ["--output_dir", str(tmp_path), "--include_num_input_tokens_seen",
+                                           "true"], "sft")  # fmt: skip
+    assert train.include_num_input_tokens_seen in (True, "all")

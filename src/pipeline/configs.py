@@ -120,6 +120,15 @@ def check_value(key: str, annotation: Any, value: Any) -> str | None:
     return None
 
 
+def _str_or_bool(value: str) -> str | bool:
+    low = value.lower()
+    if low in ("true", "yes", "t", "y", "1"):
+        return True
+    if low in ("false", "no", "f", "n", "0"):
+        return False
+    return value
+
+
 def join_negative_values(args: list[str]) -> list[str]:
     """`--reward_clip -1.5,1.5` → `--reward_clip=-1.5,1.5`: argparse would read the value as a flag."""
     out: list[str] = []
@@ -142,6 +151,12 @@ class RecipeParser(TrlParser):
             for f in dataclasses.fields(dc):
                 if f.init:
                     self._annotations[f.name] = hints.get(f.name, f.type)
+        # HfArgumentParser parses `str | bool` fields (e.g. include_num_input_tokens_seen) as booleans only,
+        # which rejects their documented string values; accept both
+        for action in self._actions:
+            _, members = _strip_optional(self._annotations.get(action.dest))
+            if str in members and bool in members:
+                action.type = _str_or_bool
 
     # argparse calls error() for bad flags/values; it normally prints the whole usage and exits.
     def error(self, message: str):

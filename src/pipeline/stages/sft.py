@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     except BaseException:
         run.finish(metrics, status="failed")
         raise
+    run.data["log_history"] = trainer.state.log_history
     run.finish(metrics)
     logger.info("sft: model saved to %s", training_args.output_dir)
     if hasattr(trainer, "end"):  # transformers >= 5.18 closes trackers / process groups here
         trainer.end()
-    return metrics
+    return {**metrics, "log_history": trainer.state.log_history}
