@@ -5,7 +5,8 @@
 
 Naive = right-padded batches of `--naive_batch` rows, full `[batch, seq, vocab]` fp32 log_softmax, gather.
 Ours  = `pipeline.scoring`: length-sorted batches within a token budget, hidden states of response positions
-only through lm_head in chunks, logsumexp. Same random-init model, same random token rows (log-normal
+only through lm_head in chunks, logsumexp. Packed = the same scoring on rows of `--token_budget` tokens
+packed end to end (padding-free, position ids restarting per sample; `--attn flex_attention` on GPU). Same random-init model, same random token rows (log-normal
 lengths), each variant in its own child process so peak memory is its own. Prints one JSON line per variant
 and the largest difference between the two variants' log-probs.
 """
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 
-def build(shape: str, device: str):
+def build(shape: str, device: str, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     if shape == "qwen0.5b":
@@ -34,7 +35,7 @@ def build(shape: str, device: str):
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn).to(device).eval()
 
 
 def samples(n: int, vocab: int, mean_log: float, max_len: int, prompt_len: int):
@@ -58,9 +59,14 @@ def run_variant(args) -> dict:
     from pipeline.scoring import response_logps, token_budget_batches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(args.shape, device)
+    model = build(args.shape, device, args.attn if args.variant == "packed" else "sdpa")
     rows = samples(args.rows, model.config.vocab_size, args.mean_log, args.max_len, args.prompt_len)
-    if args.variant == "naive":
+    if args.variant == "packed":
+        from pipeline.scoring import pack_rows, packed_response_logps
+
+        batches = pack_rows([len(s.input_ids) for s in rows], args.token_budget)
+        score = lambda batch: packed_response_logps(model, [batch], 0, args.chunk)  # noqa: E731
+    elif args.variant == "naive":
         batches = [
             list(range(i, min(i + args.naive_batch, len(rows))))
             for i in range(0, len(rows), args.naive_batch)
@@ -104,24 +110,29 @@ def main() -> None:
     parser.add_argument("--naive_batch", type=int, default=8)
     parser.add_argument("--token_budget", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=1024)
-    parser.add_argument("--variant", choices=["naive", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["naive", "ours", "packed"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--attn", default="sdpa", help="attention for the packed variant (flex_attention on GPU)"
+    )
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
     results, arrays = [], []
-    for variant in ("naive", "ours"):
+    for variant in ("naive", "ours", "packed"):
         save = f"/tmp/logp_bench_{variant}.npy"
         cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--save", save]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(line))
         arrays.append(np.load(save))
         print(line)
-    speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
-    memory = results[1]["peak_gib"] / results[0]["peak_gib"]
-    print(json.dumps({"ours_vs_naive_speed": round(speedup, 2), "ours_vs_naive_peak_memory": round(memory, 2),
-                      "max_abs_logp_diff": float(np.abs(arrays[0] - arrays[1]).max())}))  # fmt: skip
+    for name, result, values in zip(("ours", "packed"), results[1:], arrays[1:], strict=True):
+        print(json.dumps({
+            f"{name}_vs_naive_speed": round(result["tokens_per_s"] / results[0]["tokens_per_s"], 2),
+            f"{name}_vs_naive_peak_memory": round(result["peak_gib"] / results[0]["peak_gib"], 2),
+            "max_abs_logp_diff": float(np.abs(arrays[0] - values).max()),
+        }))  # fmt: skip
 
 
 if __name__ == "__main__":

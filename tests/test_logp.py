@@ -60,11 +60,20 @@ def run_logp(prepared, tiny_model_dir, out, *flags):
                       "--output_dir", str(out), "--max_length", str(MAX_LENGTH), *flags])  # fmt: skip
 
 
-def test_logps_equal_naive_full_vocab_fp32(tmp_path, prepared, tiny_model_dir):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        # a small token budget forces padded multi-row batches; a small chunk splits the lm_head pass
+        ["--token_budget", "300", "--lm_head_chunk", "37"],
+        # packed, padding-free rows of several samples each; flex_attention is not tested here: torch 2.13's
+        # CPU inductor fails to compile its kernel for this model shape (CppCompileError)
+        ["--packing", "true", "--pack_row_tokens", "400", "--token_budget", "800", "--lm_head_chunk", "50"],
+    ],
+    ids=["padded", "packed-sdpa"],
+)
+def test_logps_equal_naive_full_vocab_fp32(tmp_path, prepared, tiny_model_dir, flags):
     out = tmp_path / "logps"
-    # a small token budget forces padded multi-row batches; a small chunk splits the lm_head pass
-    manifest = run_logp(prepared, tiny_model_dir, out, "--token_budget", "300", "--lm_head_chunk", "37",
-                        "--part_rows", "9")  # fmt: skip
+    manifest = run_logp(prepared, tiny_model_dir, out, "--part_rows", "9", *flags)
     stored = load_logps(out)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

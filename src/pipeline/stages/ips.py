@@ -40,6 +40,7 @@ from pipeline.configs import parse_stage_args
 from pipeline.errors import PipelineError
 from pipeline.losses import IPSLossConfig, ips_loss
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
+from pipeline.scoring import chunked_token_logps
 from pipeline.stages.sft import save_final_model
 
 logger = logging.getLogger("pipeline.ips")
@@ -204,19 +205,6 @@ class IPSCollator:
 
 
 # ------------------------------------------------------------------------------------------ trainer
-
-
-def chunked_token_logps(lm_head, states: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log softmax(lm_head(states))[targets], one chunk at a time; backward recomputes each chunk's logits."""
-    from torch.utils.checkpoint import checkpoint
-
-    def piece(h, t):
-        logits = lm_head(h).float()
-        return logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-    out = [checkpoint(piece, states[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
-           for s in range(0, len(targets), chunk)]  # fmt: skip
-    return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
 
 
 class IPSTrainer(SFTTrainer):

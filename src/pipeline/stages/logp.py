@@ -66,6 +66,12 @@ class LogpConfig:
         metadata={"help": "Padded tokens per forward pass (rows are length-sorted within a part)."},
     )
     lm_head_chunk: int = field(default=1024, metadata={"help": "Tokens per lm_head/log-softmax chunk."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack samples end to end into rows of `pack_row_tokens` (padding-free; position ids "
+                  "restart per sample). Pair with attn_implementation=flex_attention on GPU."},
+    )  # fmt: skip
+    pack_row_tokens: int = field(default=16384, metadata={"help": "Tokens per packed row (>= max_length)."})
     dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."}
     )
@@ -145,7 +151,7 @@ def read_rows(split: SplitInput, start: int, stop: int, columns: list[str]) -> p
 def score_part(model, tokenizer, table: pa.Table, response_key: str, cfg: LogpConfig) -> pa.Table:
     import torch
 
-    from pipeline.scoring import response_logps, token_budget_batches
+    from pipeline.scoring import pack_rows, packed_response_logps, response_logps, token_budget_batches
     from pipeline.tokenization import parse_prompt, tokenize_prompt_response
 
     prompts = [parse_prompt(p) for p in table.column("prompt_pretokenized").to_pylist()]
@@ -153,13 +159,25 @@ def score_part(model, tokenizer, table: pa.Table, response_key: str, cfg: LogpCo
         tokenizer, prompts, table.column(response_key).to_pylist(), cfg.max_length
     )
     logps: list[np.ndarray | None] = [None] * len(samples)
-    for batch in token_budget_batches([len(s.input_ids) for s in samples], cfg.token_budget):
-        with torch.inference_mode():
-            out = response_logps(
-                model, [samples[i] for i in batch], tokenizer.pad_token_id, cfg.lm_head_chunk
-            )
-        for i, values in zip(batch, out, strict=True):
-            logps[i] = values.float().cpu().numpy()
+    lengths = [len(s.input_ids) for s in samples]
+    if cfg.packing:
+        rows = pack_rows(lengths, cfg.pack_row_tokens)
+        per_forward = max(1, cfg.token_budget // cfg.pack_row_tokens)
+        for start in range(0, len(rows), per_forward):
+            group = rows[start : start + per_forward]
+            with torch.inference_mode():
+                out = packed_response_logps(model, [[samples[i] for i in row] for row in group],
+                                            tokenizer.pad_token_id, cfg.lm_head_chunk)  # fmt: skip
+            for i, values in zip([i for row in group for i in row], out, strict=True):
+                logps[i] = values.float().cpu().numpy()
+    else:
+        for batch in token_budget_batches(lengths, cfg.token_budget):
+            with torch.inference_mode():
+                out = response_logps(
+                    model, [samples[i] for i in batch], tokenizer.pad_token_id, cfg.lm_head_chunk
+                )
+            for i, values in zip(batch, out, strict=True):
+                logps[i] = values.float().cpu().numpy()
     return pa.table(
         {
             "uid": table.column("uid"),
@@ -293,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
         ).hexdigest(),
         "splits": {s.name: s.total for s in inputs},
         "part_rows": cfg.part_rows,
+        # equal to 1e-5 either way, but not bit for bit: parts of one output come from one way of scoring
+        "packing": cfg.packing,
+        "attn_implementation": cfg.attn_implementation,
     }
     job_path = output_dir / JOB_FILE
     if job_path.is_file():
