@@ -92,13 +92,26 @@ def main(argv: list[str] | None = None) -> list[str]:
         "--num_prompts", type=int, default=3, help="how many prompts to take from --prompts_from"
     )
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument(
+        "--synthetic_pass_rate",
+        type=int,
+        metavar="NUM_PROBLEMS",
+        help="also measure greedy pass@1 (sandbox-executed) on the held-out problems of the synthetic task "
+        "exported with --num_problems NUM_PROBLEMS (seed 0, eval_fraction 0.1)",
+    )
     args = parser.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_from:
         prompts += prompts_from_file(args.prompts_from, args.num_prompts)
-    if not prompts:
-        raise PipelineError("give --prompt TEXT or --prompts_from FILE")
+    if not prompts and args.synthetic_pass_rate is None:
+        raise PipelineError("give --prompt TEXT, --prompts_from FILE or --synthetic_pass_rate NUM_PROBLEMS")
     tokenizer, model = load_for_generation(args.model)
+    if args.synthetic_pass_rate is not None:
+        from pipeline.tasks.synthetic import generate_problems, split_problems
+
+        _, held_out = split_problems(generate_problems(args.synthetic_pass_rate, 0), 0.1, 0)
+        rate = greedy_pass_rate(tokenizer, model, held_out, args.max_new_tokens)
+        print(f"{args.model}: greedy pass@1 on {len(held_out)} held-out synthetic problems = {rate:.3f}")
     answers = generate(tokenizer, model, prompts, args.max_new_tokens)
     for prompt, answer in zip(prompts, answers, strict=True):
         print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
