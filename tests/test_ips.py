@@ -116,3 +116,17 @@ def test_train_script_runs_on_cpu(tmp_path, chain, tiny_model_dir):
         info["config"]["learning_rate"] == pytest.approx(1e-3) and info["config"]["datafilter"] == "posonly"
     )
     assert info["metrics"]["global_step"] == 2
+
+
+def test_padding_free_batches_give_the_same_loss(tmp_path, chain, tiny_model_dir):
+    runs = {}
+    for mode in ("false", "true"):
+        result = run_ips(chain, tiny_model_dir, tmp_path / mode, "--padding_free", mode, "--learning_rate", "1e-3",
+                         "--max_steps", "3", "--logging_steps", "1", "--seed", "3")  # fmt: skip
+        runs[mode] = [h for h in result["log_history"] if "loss" in h and "ips/kl" in h]
+    assert len(runs["true"]) == 3
+    for padded, flat in zip(runs["false"], runs["true"], strict=True):
+        assert flat["loss"] == pytest.approx(padded["loss"], abs=1e-4)
+        assert flat["ips/kl"] == pytest.approx(padded["ips/kl"], abs=1e-5)
+    with pytest.raises(PipelineError, match="use padding_free"):
+        run_ips(chain, tiny_model_dir, tmp_path / "packed", "--packing", "true")

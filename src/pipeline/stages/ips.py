@@ -177,31 +177,45 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict, response_
 
 
 class IPSCollator:
-    """Right-pads ids; lays ref logps out as [batch, longest response] with a mask."""
+    """Batches for the IPS loss; ref logps laid out as [batch, longest response] with a mask.
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    Padded (default): one right-padded row per sample with an attention mask. Padding-free
+    (`padding_free: true`): every sample of the batch end to end in a single row, position ids restarting
+    at 0 per sample and no attention mask, so no compute is spent on padding. `row`/`start` say where each
+    sample sits either way.
+    """
+
+    def __init__(self, pad_id: int, padding_free: bool = False):
+        self.pad_id, self.padding_free = pad_id, padding_free
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        lengths = [len(r["input_ids"]) for r in rows]
         longest = max(max(len(r["ref_logps"]) for r in rows), 1)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
         ref = torch.zeros((len(rows), longest), dtype=torch.float32)
         mask = torch.zeros((len(rows), longest), dtype=torch.bool)
         for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            attention[i, : len(r["input_ids"])] = 1
             ref[i, : len(r["ref_logps"])] = torch.tensor(r["ref_logps"])
             mask[i, : len(r["ref_logps"])] = True
-        return {
-            "input_ids": ids,
-            "attention_mask": attention,
+        batch = {
             "prompt_len": torch.tensor([r["prompt_len"] for r in rows]),
             "ref_logps": ref,
             "response_mask": mask,
             "reward": torch.tensor([r["reward"] for r in rows], dtype=torch.float32),
         }
+        if self.padding_free:
+            batch["input_ids"] = torch.tensor([[t for r in rows for t in r["input_ids"]]])
+            batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+            batch["row"] = torch.zeros(len(rows), dtype=torch.long)
+            batch["start"] = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        else:
+            ids = torch.full((len(rows), max(lengths)), self.pad_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, : lengths[i]] = torch.tensor(r["input_ids"])
+                attention[i, : lengths[i]] = 1
+            batch.update(input_ids=ids, attention_mask=attention, row=torch.arange(len(rows)),
+                         start=torch.zeros(len(rows), dtype=torch.long))  # fmt: skip
+        return batch
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -211,32 +225,35 @@ class IPSTrainer(SFTTrainer):
     """TRL's SFTTrainer (model loading, PEFT, DeepSpeed, logging) with the IPS loss."""
 
     def __init__(self, *args, loss_config: IPSLossConfig, lm_head_chunk: int, **kwargs):
-        # SFTConfig's own `loss_type` only knows nll/dft and SFTTrainer validates it at init; ours is read
-        # from `loss_config`, so show SFTTrainer a value it accepts and put ours back afterwards
+        # Two SFTConfig fields mean something else here and SFTTrainer validates them at init: `loss_type`
+        # (TRL knows nll/dft; ours is in `loss_config`) and `padding_free` (TRL refuses a custom collator
+        # with it; our collator implements it). Show SFTTrainer values it accepts, then put ours back.
         config = kwargs["args"]
-        ours, config.loss_type = config.loss_type, "nll"
+        ours = {"loss_type": config.loss_type, "padding_free": config.padding_free}
+        config.loss_type, config.padding_free = "nll", False
         try:
             super().__init__(*args, **kwargs)
         finally:
-            config.loss_type = ours
+            for key, value in ours.items():
+                setattr(config, key, value)
         self.loss_config, self.lm_head_chunk = loss_config, lm_head_chunk
         self._tokens, self._clock = 0, time.time()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, prompt_len = inputs["input_ids"], inputs["prompt_len"]
-        out = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        ids = inputs["input_ids"]
+        forward = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1, **forward)
         hidden = out.hidden_states[-1]
         mask = inputs["response_mask"]
-        rows, cols = torch.nonzero(mask, as_tuple=True)  # response token j of row b sits at prompt_len[b] + j
-        positions = prompt_len[rows] + cols
-        unwrapped = self.accelerator.unwrap_model(model)
-        lm_head = unwrapped.get_output_embeddings()
+        samples, cols = torch.nonzero(mask, as_tuple=True)  # response token j of sample b ...
+        rows = inputs["row"][samples]  # ... sits in row `row[b]` at start[b] + prompt_len[b] + j
+        positions = inputs["start"][samples] + inputs["prompt_len"][samples] + cols
+        lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
         flat = chunked_token_logps(
             lm_head, hidden[rows, positions - 1], ids[rows, positions], self.lm_head_chunk
         )
         policy = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).index_put(
-            (rows, cols), flat
+            (samples, cols), flat
         )
         loss, stats = ips_loss(policy, inputs["ref_logps"], mask, inputs["reward"], self.loss_config)
         mode = "train" if model.training else "eval"
@@ -262,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise PipelineError("data_path and model_name_or_path are required")
     if args.max_length is None:
         raise PipelineError("max_length is required (it must equal the logp run's)")
+    if args.packing:
+        raise PipelineError(
+            "packing is not available for ips; use padding_free: true (no compute on padding)"
+        )
     logp_dir = Path(args.logp_dir or f"{args.data_path.rstrip('/')}_{args.ref_tag}_logp")
     if not (logp_dir / "manifest.json").is_file():
         raise PipelineError(
@@ -299,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=IPSCollator(tokenizer.pad_token_id),
+        data_collator=IPSCollator(tokenizer.pad_token_id, padding_free=args.padding_free),
         peft_config=get_peft_config(model_args),
         quantization_config=quantization_config,
         callbacks=[metrics_logging_callback(logging.getLogger("pipeline.ips.metrics"))],
