@@ -105,6 +105,7 @@ def test_missing_training_data_is_one_line(tmp_path, capsys, tiny_model_dir):
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "train_data: file not found" in err and "missing.parquet" in err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that could not start
 
 
 def test_top_level_help_lists_stages(capsys):
@@ -135,3 +136,17 @@ def test_str_or_bool_fields_take_both(tmp_path):
     _, train, _ = parse_stage_args(TYPES, ["--output_dir", str(tmp_path), "--include_num_input_tokens_seen",
                                            "true"], "sft")  # fmt: skip
     assert train.include_num_input_tokens_seen in (True, "all")
+
+
+@pytest.mark.parametrize("stage", ["sft", "logp", "ips"])
+def test_missing_model_folder_is_one_line(tmp_path, capsys, stage):
+    argv = [stage, "--model_name_or_path", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "o")]
+    if stage == "sft":
+        argv += ["--train_data", str(tmp_path / "x.parquet")]
+    else:
+        (tmp_path / "prepared").mkdir()
+        (tmp_path / "prepared" / "manifest.json").write_text("{}")
+        argv += ["--data_path", str(tmp_path / "prepared")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model_name_or_path: folder not found" in err and len(err.strip().splitlines()) == 1, err

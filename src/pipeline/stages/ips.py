@@ -41,7 +41,7 @@ from pipeline.errors import PipelineError
 from pipeline.losses import IPSLossConfig, ips_loss
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.scoring import chunked_token_logps
-from pipeline.stages.sft import save_final_model
+from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, train_evaluate_save
 
 logger = logging.getLogger("pipeline.ips")
 
@@ -275,8 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer, set_seed
     from trl import get_peft_config, get_quantization_config
 
-    if not args.data_path or not model_args.model_name_or_path:
-        raise PipelineError("data_path and model_name_or_path are required")
+    if not args.data_path:
+        raise PipelineError("data_path is required (a `pipeline prepare` output)")
+    check_model_dir(model_args.model_name_or_path)
+    if args.ref_model_name_or_path:
+        check_model_dir(args.ref_model_name_or_path, "ref_model_name_or_path")
     if args.max_length is None:
         raise PipelineError("max_length is required (it must equal the logp run's)")
     if args.packing:
@@ -289,10 +292,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"{logp_dir}: no finished logp run (manifest.json missing); run `pipeline logp` first"
         )
     manifest = json.loads((logp_dir / "manifest.json").read_text())
-    os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(args.output_dir)
-    setup_tracking(args.report_to, args.output_dir)
-    set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     check_logp_manifest(manifest, logp_dir, args, model_args, tokenizer)
     response_key = args.response_key or manifest.get("response_column", "unprocessed_response")
@@ -306,9 +305,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise PipelineError(f"{args.data_path}: no rl/train-*.parquet rows")
     eval_dataset, eval_counts = build_dataset(args, "eval", tokenizer, logps, response_key)
     counts.update({f"eval_{k}": v for k, v in eval_counts.items()})
-    logger.info("ips: data %s", counts)
     if eval_dataset is None and args.eval_strategy != "no":
         args.eval_strategy = "no"
+
+    # every check passed: only now is anything written
+    os.makedirs(args.output_dir, exist_ok=True)
+    setup_logging(args.output_dir)
+    setup_tracking(args.report_to, args.output_dir)
+    logger.info("ips: data %s", counts)
+    set_seed(args.seed)
     run = RunInfo(args.output_dir, "ips", (args, model_args), args.seed)
 
     quantization_config = get_quantization_config(model_args)
@@ -334,20 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),  # fmt: skip
         lm_head_chunk=args.lm_head_chunk,
     )
+    if quantization_config is not None:
+        keep_bnb_4bit_trainable_on_cpu(trainer.model)
     metrics: dict = {f"train_{k}" if not k.startswith("eval_") else k: v for k, v in counts.items()}
-    try:
-        if eval_dataset is not None:
-            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        metrics.update(train_loss=result.training_loss, global_step=result.global_step)
-        if eval_dataset is not None:
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        save_final_model(trainer, args.output_dir)
-    except BaseException:
-        run.finish(metrics, status="failed")
-        raise
-    run.data["log_history"] = trainer.state.log_history
-    run.finish(metrics)
-    if hasattr(trainer, "end"):
-        trainer.end()
-    return {**metrics, "log_history": trainer.state.log_history}
+    return train_evaluate_save(trainer, run, metrics, args.output_dir, args.resume_from_checkpoint)

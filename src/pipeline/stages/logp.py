@@ -36,6 +36,7 @@ from pipeline.configs import parse_stage_args
 from pipeline.data import write_parquet_atomic
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
+from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.logp")
 SCHEMA_VERSION = 1
@@ -274,8 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not cfg.output_dir:
             raise PipelineError("import_pickles needs --output_dir")
         return import_pickles(cfg.import_pickles, Path(cfg.output_dir))
-    if not cfg.data_path or not cfg.model_name_or_path:
-        raise PipelineError("data_path and model_name_or_path are required")
+    if not cfg.data_path:
+        raise PipelineError("data_path is required (a `pipeline prepare` output)")
+    check_model_dir(cfg.model_name_or_path)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     prepare_manifest, inputs = read_prepare_output(cfg.data_path, splits)
     output_dir = Path(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp")

@@ -46,6 +46,7 @@ from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 from pipeline.sandbox import strip_code_fence
 from pipeline.tokenization import PromptError, parse_prompt
+from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.prepare")
 SCHEMA_VERSION = 1
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         from pipeline.tokenization import tokenizer_fingerprint
 
+        check_model_dir(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
         except Exception as err:

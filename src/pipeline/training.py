@@ -1,0 +1,82 @@
+"""Pieces every training stage shares: model-path checks, the train/evaluate/save sequence, final saving."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.runinfo import RunInfo, is_main_process
+
+logger = logging.getLogger("pipeline")
+
+
+def check_model_dir(path: str | None, key: str = "model_name_or_path") -> str:
+    """A local model folder (no hub here): one clear line instead of a loader traceback."""
+    if not path:
+        raise PipelineError(f"{key} is required (a local model folder; `pipeline tiny-model` makes one)")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PipelineError(f"{key}: folder not found: '{path}'")
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json", "tokenizer.json",
+                                                       "tokenizer_config.json")):  # fmt: skip
+        raise PipelineError(f"{key}: '{path}' holds no config.json or tokenizer files")
+    return path
+
+
+def keep_bnb_4bit_trainable_on_cpu(model) -> int:
+    """bitsandbytes 0.50 repacks 4-bit weights for fast CPU inference the first time an eval forward runs;
+    training steps after that fail ("a view of a leaf Variable ... in-place"). Turn that repacking off.
+    Returns the number of 4-bit layers touched."""
+    touched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
+def save_final_model(trainer, output_dir: str) -> None:
+    """Save model + tokenizer under a temporary folder, then move the files into `output_dir`.
+
+    All ranks must call `save_model` (DeepSpeed/FSDP gather weights there); only the main rank moves files.
+    """
+    tmp = Path(output_dir) / ".final.tmp"
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        for item in tmp.iterdir():
+            target = Path(output_dir) / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_evaluate_save(
+    trainer, run: RunInfo, metrics: dict, output_dir: str, resume_from_checkpoint=None
+) -> dict:
+    """Eval loss before, training, eval loss after, final save, run.json; returns metrics + log history."""
+    has_eval = trainer.eval_dataset is not None
+    try:
+        if has_eval:
+            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            logger.info("eval loss before training %.4f", metrics["eval_loss_before"])
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        metrics.update(train_loss=result.training_loss, global_step=result.global_step)
+        if has_eval:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+            logger.info("eval loss after training %.4f", metrics["eval_loss"])
+        save_final_model(trainer, output_dir)
+    except BaseException:
+        run.finish(metrics, status="failed")
+        raise
+    run.data["log_history"] = trainer.state.log_history
+    run.finish(metrics)
+    logger.info("model saved to %s", output_dir)
+    if hasattr(trainer, "end"):  # transformers >= 5.18 closes trackers / process groups here
+        trainer.end()
+    return {**metrics, "log_history": trainer.state.log_history}
