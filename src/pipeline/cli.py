@@ -21,6 +21,11 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.tasks.synthetic",
         "Export the shipped synthetic code task as SFT, preference-pair and reward-keyed code-RL parquet.",
     ),
+    "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
+    "generate": (
+        "pipeline.stages.generate",
+        "Greedy answers of a saved model (or LoRA adapter) to chat prompts.",
+    ),
     "prepare": (
         "pipeline.stages.prepare",
         "Validate, clean, transform, filter and split reward-keyed code-RL parquet into training views.",
@@ -36,11 +41,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval-code": (
         "pipeline.stages.eval_code",
         "Run HumanEval-format code samples in the sandbox; write <samples>_results.jsonl and print pass@k.",
-    ),
-    "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),
-    "generate": (
-        "pipeline.stages.generate",
-        "Greedy answers of a saved model (or LoRA adapter) to chat prompts.",
     ),
 }
 
