@@ -297,3 +297,24 @@ def test_jsonl_input_and_plain_text_prompt(tmp_path):
                                 "normalized_reward": 1}) + "\n")  # fmt: skip
     out, _ = run(tmp_path, str(path), "--eval_fraction", "0")
     assert read(out, "sft")[0]["messages"][0] == {"role": "user", "content": "plain question"}
+
+
+def test_two_worker_processes_write_the_same_rows(tmp_path, tiny_model_dir):
+    groups = {f"prompt {i}": [0.25 * (j % 5) - 0.5 for j in range(4)] for i in range(60)}
+    data = str(tmp_path / "d.parquet")
+    pq.write_table(pa.Table.from_pylist(rows_for(groups)), data, row_group_size=40)  # 6 row groups to share
+    outputs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        manifest = prepare.main(["--data_path", data, "--output_dir", str(out), "--num_proc", workers,
+                                 "--eval_fraction", "0.2", "--tokenizer_name_or_path", str(tiny_model_dir),
+                                 "--max_length", "60"])  # fmt: skip
+        outputs[workers] = (out, manifest)
+    (one, m1), (two, m2) = outputs["1"], outputs["2"]
+    assert m1["rows_out"] == m2["rows_out"] and m1["drops"] == m2["drops"]
+    assert len(list((two / "rl").glob("train-w1-*.parquet"))) == 1  # the second worker wrote its own shard
+    for view, key in (("rl", "uid"), ("sft", "uid"), ("pairs", "chosen_uid")):
+        for split in ("train", "eval"):
+            a = sorted(read(one, view, split), key=lambda r: r[key])
+            b = sorted(read(two, view, split), key=lambda r: r[key])
+            assert a == b, (view, split)

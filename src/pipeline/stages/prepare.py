@@ -110,8 +110,13 @@ class PrepareConfig:
         default=10_000, metadata={"help": "Rows per parquet row group in the outputs."}
     )
     shard_rows: int = field(default=500_000, metadata={"help": "Rows per output shard file."})
-    batch_rows: int = field(default=10_000, metadata={"help": "Rows read per batch (bounds memory)."})
+    batch_rows: int = field(default=5_000, metadata={"help": "Rows read per batch (bounds memory)."})
     seed: int = field(default=0, metadata={"help": "Salt of the prompt hash that decides the split."})
+    num_proc: int = field(
+        default=0,
+        metadata={"help": "Worker processes for cleaning/writing (0: up to 2 for inputs of 200k rows or more, "
+                  "else 1). Output rows are the same; shard files are named per worker."},
+    )  # fmt: skip
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it exists."})
 
 
@@ -148,10 +153,14 @@ def read_json_table(path: str) -> pa.Table:
         raise PipelineError(f"{path}: invalid JSON lines ({str(err).splitlines()[0]})") from None
 
 
-def iter_batches(path: str, batch_rows: int, columns: list[str] | None = None):
-    """Record batches of one file; parquet is streamed so memory stays bounded."""
+def iter_batches(
+    path: str, batch_rows: int, columns: list[str] | None = None, row_groups: list[int] | None = None
+):
+    """Record batches of one file (optionally some row groups); parquet is streamed so memory stays bounded."""
     if path.endswith(".parquet"):
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+        yield from pq.ParquetFile(path).iter_batches(
+            batch_size=batch_rows, columns=columns, row_groups=row_groups
+        )
     else:
         table = read_json_table(path)
         yield from (table.select(columns) if columns else table).to_batches(max_chunksize=batch_rows)
@@ -378,8 +387,8 @@ def apply_datafilter(
 class ShardWriter:
     """Writes `<dir>/<split>-NNNNN.parquet` shards of at most `shard_rows` rows."""
 
-    def __init__(self, folder: Path, split: str, cfg: PrepareConfig):
-        self.folder, self.split, self.cfg = folder, split, cfg
+    def __init__(self, folder: Path, split: str, cfg: PrepareConfig, prefix: str = ""):
+        self.folder, self.split, self.cfg, self.prefix = folder, split, cfg, prefix
         self.writer: pq.ParquetWriter | None = None
         self.shard, self.rows_in_shard, self.rows = 0, 0, 0
 
@@ -387,7 +396,7 @@ class ShardWriter:
         while table.num_rows:
             if self.writer is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                path = self.folder / f"{self.split}-{self.shard:05d}.parquet"
+                path = self.folder / f"{self.split}-{self.prefix}{self.shard:05d}.parquet"
                 self.writer = pq.ParquetWriter(path, table.schema)
             take = min(table.num_rows, self.cfg.shard_rows - self.rows_in_shard)
             self.writer.write_table(table.slice(0, take), row_group_size=self.cfg.row_group_size)
@@ -479,6 +488,172 @@ def build_pairs(bucket_dir: Path, cfg: PrepareConfig) -> pa.Table | None:
     })  # fmt: skip
 
 
+@dataclass
+class RowPlan:
+    """Pass 1's decisions, one entry per input row (a few bytes each)."""
+
+    keep: np.ndarray
+    rewards: np.ndarray
+    prompt_keys: np.ndarray
+    is_eval: np.ndarray
+
+
+@dataclass
+class ViewsJob:
+    cfg: PrepareConfig
+    views: list[str]
+    tmp: str
+    prefix: str  # shard-name prefix of this worker
+    units: list[tuple[str, int | None, int, int]]  # (file, row group or None, first global row, rows)
+    num_buckets: int
+    plan: RowPlan
+
+
+@dataclass
+class PairsJob:
+    cfg: PrepareConfig
+    tmp: str
+    prefix: str
+    bucket_dirs: list[str]
+
+
+def work_units(sources) -> list[tuple[str, int | None, int, int]]:
+    """Parquet row groups (or whole jsonl files) with their first global row: the pieces workers share."""
+    units, offset = [], 0
+    for path, _, rows in sources:
+        if path.endswith(".parquet"):
+            meta = pq.ParquetFile(path).metadata
+            for group in range(meta.num_row_groups):
+                units.append((path, group, offset, meta.row_group(group).num_rows))
+                offset += meta.row_group(group).num_rows
+        else:
+            units.append((path, None, offset, rows))
+            offset += rows
+    return units
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous, nearly equal pieces (contiguous keeps each worker's output in input order)."""
+    size = -(-len(items) // parts)
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+
+
+def run_jobs(function, jobs: list, num_proc: int, desc: str | None = None, total: int | None = None) -> list:
+    """Run jobs in order. With several, this process runs the first itself (it is resident already, so only
+    num_proc - 1 new processes add memory) and spawned workers run the rest (pyarrow's threads make fork
+    unsafe)."""
+    if num_proc == 1 or len(jobs) == 1:
+        return [function(job, progress=(desc, total)) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with ProcessPoolExecutor(len(jobs) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        others = [pool.submit(function, job) for job in jobs[1:]]
+        first = function(jobs[0])
+        return [first, *(future.result() for future in others)]
+
+
+def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict[str, int]:
+    """Pass 2 over this job's rows: clean responses, drop too-long rows, write rl/sft shards and pair buckets."""
+    from tqdm.auto import tqdm
+
+    cfg, views, tmp, plan = job.cfg, job.views, Path(job.tmp), job.plan
+    tokenizer = None
+    if cfg.tokenizer_name_or_path and cfg.max_length is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
+    writers = {(view, split): ShardWriter(tmp / view, split, cfg, job.prefix)
+               for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
+    # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
+    buckets = [
+        ShardWriter(tmp / ".buckets" / f"{b:04d}", f"{job.prefix}rows", cfg) for b in range(job.num_buckets)
+    ]
+    too_long_count = 0
+    desc, total = progress
+    bar = tqdm(total=total, desc=desc, unit="row", disable=desc is None or (total or 0) < 100_000)
+    for path, group, first_row, _ in job.units:
+        offset = first_row
+        for batch in iter_batches(path, cfg.batch_rows, row_groups=None if group is None else [group]):
+            n = batch.num_rows
+            sl = slice(offset, offset + n)
+            offset += n
+            bar.update(n)
+            mask = plan.keep[sl].copy()
+            response_col = batch.column(cfg.response_key)
+            if response_col.null_count:
+                at = first_null(response_col)
+                raise PipelineError(f"{path}: column '{cfg.response_key}' is null at row {sl.start + at}, "
+                                    f"uid {batch.column('uid')[at]}")  # fmt: skip
+            responses = [strip_code_fence(r) for r in response_col.to_pylist()]
+            if tokenizer is not None and mask.any():
+                rows = np.flatnonzero(mask)
+                prompts = batch.column(PROMPT_KEY).take(pa.array(rows)).to_pylist()
+                lengths = token_lengths(tokenizer, prompts, [responses[i] for i in rows])
+                too_long = rows[lengths > cfg.max_length]
+                mask[too_long] = False
+                too_long_count += len(too_long)
+            if not mask.any():
+                continue
+            table = pa.Table.from_batches([batch])
+            del batch, response_col
+            table = table.set_column(table.schema.get_field_index(cfg.response_key), cfg.response_key,
+                                     pa.array(responses, pa.string()))  # fmt: skip
+            table = table.append_column(cfg.reward_output_key, pa.array(plan.rewards[sl]))
+            table = table.append_column("prompt_id", pa.array(plan.prompt_keys[sl]))
+            selected = table.filter(pa.array(mask))
+            eval_rows = plan.is_eval[sl][mask]
+            for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
+                part = selected.filter(pa.array(split_mask))
+                if "rl" in views:
+                    writers["rl", split].write(part)
+                if "sft" in views:
+                    pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
+                    if pos.num_rows:
+                        user, prefix = prompt_parts(pos.column(PROMPT_KEY))
+                        answer = pc.binary_join_element_wise(prefix, pos.column(cfg.response_key), "")
+                        messages = chat_array([("user", user), ("assistant", answer)])
+                        writers["sft", split].write(pa.table({
+                            "uid": pos.column("uid"), "messages": messages,
+                            cfg.reward_output_key: pos.column(cfg.reward_output_key),
+                        }))  # fmt: skip
+            if "pairs" in views:
+                keys = plan.prompt_keys[sl][mask]
+                rows_for_pairs = pa.table({
+                    "uid": selected.column("uid"),
+                    "prompt_key": pa.array(keys),
+                    "prompt": selected.column(PROMPT_KEY),
+                    "response": selected.column(cfg.response_key),
+                    "reward": selected.column(cfg.reward_output_key),
+                    "is_eval": pa.array(eval_rows),
+                })  # fmt: skip
+                bucket_of = keys % np.uint64(job.num_buckets)
+                for b in np.unique(bucket_of):
+                    buckets[int(b)].write(rows_for_pairs.filter(pa.array(bucket_of == b)))
+    bar.close()
+    for writer in [*writers.values(), *buckets]:
+        writer.close()
+    return {**{f"{view}_{split}": w.rows for (view, split), w in writers.items()}, "too_long": too_long_count}
+
+
+def write_pairs(job: PairsJob, progress: tuple = (None, None)) -> dict[str, int]:
+    """Pass 3 over this job's buckets: preference pairs within each prompt."""
+    writers = {
+        split: ShardWriter(Path(job.tmp) / "pairs", split, job.cfg, job.prefix) for split in ("train", "eval")
+    }
+    for bucket_dir in job.bucket_dirs:
+        pairs = build_pairs(Path(bucket_dir), job.cfg)
+        if pairs is None:
+            continue
+        held_out = pairs.column("is_eval")
+        for split, split_mask in (("train", pc.invert(held_out)), ("eval", held_out)):
+            writers[split].write(pairs.filter(split_mask).drop_columns(["is_eval"]))
+    for writer in writers.values():
+        writer.close()
+    return {f"pairs_{split}": w.rows for split, w in writers.items()}
+
+
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -492,7 +667,6 @@ def sha256_file(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_stage_args((PrepareConfig,), argv, "prepare")
-    from tqdm.auto import tqdm
 
     started = time.time()
     views = {v.strip() for v in cfg.views.split(",") if v.strip()}
@@ -532,6 +706,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rows_in == 0:
         raise PipelineError(f"{cfg.data_path}: no rows")
     index = scan_rows(sources, cfg)
+    pa.default_memory_pool().release_unused()  # pass 1's batches are gone; give their memory back
     drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum())}
     keep = ~index.duplicate
     rewards = transform_rewards(index, keep, cfg)
@@ -540,96 +715,27 @@ def main(argv: list[str] | None = None) -> dict:
     keep = kept
     is_eval = split_of(index.prompt_keys, cfg.eval_fraction)
 
-    # pass 2: clean, filter by length, write the views into a temporary folder
+    # passes 2 and 3 (clean, length filter, views; then pairs) run in `num_proc` workers over disjoint rows
+    units = work_units(sources)
+    num_proc = cfg.num_proc or (min(2, os.cpu_count() or 1) if rows_in >= 200_000 else 1)
+    num_proc = max(1, min(num_proc, len(units)))
+    num_buckets = max(1, -(-rows_in // 50_000))  # pass 3 holds one bucket (~50k rows) per process
+    plan = RowPlan(keep, rewards, index.prompt_keys, is_eval)
     with atomic_directory(out) as tmp:
-        writers = {(view, split): ShardWriter(tmp / view, split, cfg)
-                   for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
-        # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
-        num_buckets = max(1, -(-rows_in // 50_000))
-        buckets = [ShardWriter(tmp / ".buckets" / f"{b:04d}", "rows", cfg) for b in range(num_buckets)]
-        drops["too_long"] = 0
-        offset = 0
-        bar = tqdm(total=rows_in, desc="prepare", unit="row", disable=rows_in < 100_000)
-        for path, _, _ in sources:
-            for batch in iter_batches(path, cfg.batch_rows):
-                n = batch.num_rows
-                sl = slice(offset, offset + n)
-                offset += n
-                bar.update(n)
-                mask = keep[sl].copy()
-                response_col = batch.column(cfg.response_key)
-                if response_col.null_count:
-                    at = first_null(response_col)
-                    raise PipelineError(f"{path}: column '{cfg.response_key}' is null at row {offset - n + at}, "
-                                        f"uid {batch.column('uid')[at]}")  # fmt: skip
-                responses = [strip_code_fence(r) for r in response_col.to_pylist()]
-                if tokenizer is not None and cfg.max_length is not None and mask.any():
-                    rows = np.flatnonzero(mask)
-                    prompts = batch.column(PROMPT_KEY).take(pa.array(rows)).to_pylist()
-                    lengths = token_lengths(tokenizer, prompts, [responses[i] for i in rows])
-                    too_long = rows[lengths > cfg.max_length]
-                    mask[too_long] = False
-                    drops["too_long"] += len(too_long)
-                if not mask.any():
-                    continue
-                table = pa.Table.from_batches([batch])
-                table = table.set_column(table.schema.get_field_index(cfg.response_key), cfg.response_key,
-                                         pa.array(responses, pa.string()))  # fmt: skip
-                table = table.append_column(cfg.reward_output_key, pa.array(rewards[sl]))
-                table = table.append_column("prompt_id", pa.array(index.prompt_keys[sl]))
-                selected = table.filter(pa.array(mask))
-                eval_rows = is_eval[sl][mask]
-                for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
-                    part = selected.filter(pa.array(split_mask))
-                    if "rl" in views:
-                        writers["rl", split].write(part)
-                    if "sft" in views:
-                        pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
-                        if pos.num_rows:
-                            user, prefix = prompt_parts(pos.column(PROMPT_KEY))
-                            answer = pc.binary_join_element_wise(prefix, pos.column(cfg.response_key), "")
-                            messages = chat_array([("user", user), ("assistant", answer)])
-                            writers["sft", split].write(pa.table({
-                                "uid": pos.column("uid"), "messages": messages,
-                                cfg.reward_output_key: pos.column(cfg.reward_output_key),
-                            }))  # fmt: skip
-                if "pairs" in views:
-                    keys = index.prompt_keys[sl][mask]
-                    rows_for_pairs = pa.table({
-                        "uid": selected.column("uid"),
-                        "prompt_key": pa.array(keys),
-                        "prompt": selected.column(PROMPT_KEY),
-                        "response": selected.column(cfg.response_key),
-                        "reward": selected.column(cfg.reward_output_key),
-                        "is_eval": pa.array(eval_rows),
-                    })  # fmt: skip
-                    bucket_of = keys % np.uint64(num_buckets)
-                    for b in np.unique(bucket_of):
-                        buckets[int(b)].write(rows_for_pairs.filter(pa.array(bucket_of == b)))
-        bar.close()
-        for writer in writers.values():
-            writer.close()
-        for bucket in buckets:
-            bucket.close()
-        rows_out = {f"{view}_{split}": w.rows for (view, split), w in writers.items()}
+        jobs = [ViewsJob(cfg, sorted(views), str(tmp), f"w{k}-" if num_proc > 1 else "", part, num_buckets, plan)
+                for k, part in enumerate(split_evenly(units, num_proc))]  # fmt: skip
+        results = run_jobs(write_views, jobs, num_proc, "prepare", rows_in)
+        rows_out = {key: sum(r[key] for r in results) for key in results[0] if key != "too_long"}
+        drops["too_long"] = sum(r["too_long"] for r in results)
         if "rl" in views and rows_out["rl_train"] + rows_out["rl_eval"] == 0:
             raise PipelineError(f"{cfg.data_path}: zero rows left after filtering (drops: {drops})")
-
-        # pass 3: preference pairs, one prompt-hash bucket at a time
         if "pairs" in views:
-            pair_writers = {split: ShardWriter(tmp / "pairs", split, cfg) for split in ("train", "eval")}
-            for bucket in buckets:
-                if not bucket.rows:
-                    continue
-                pairs = build_pairs(bucket.folder, cfg)
-                if pairs is None:
-                    continue
-                held_out = pairs.column("is_eval")
-                for split, split_mask in (("train", pc.invert(held_out)), ("eval", held_out)):
-                    pair_writers[split].write(pairs.filter(split_mask).drop_columns(["is_eval"]))
-            for split, writer in pair_writers.items():
-                writer.close()
-                rows_out[f"pairs_{split}"] = writer.rows
+            bucket_dirs = [str(d) for d in sorted((tmp / ".buckets").glob("*")) if d.is_dir()]
+            pair_jobs = [PairsJob(cfg, str(tmp), f"w{k}-" if num_proc > 1 else "", part)
+                         for k, part in enumerate(split_evenly(bucket_dirs, num_proc))]  # fmt: skip
+            for result in run_jobs(write_pairs, pair_jobs, num_proc):
+                for key, value in result.items():
+                    rows_out[key] = rows_out.get(key, 0) + value
         shutil.rmtree(tmp / ".buckets", ignore_errors=True)
 
         manifest = {
