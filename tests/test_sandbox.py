@@ -257,18 +257,21 @@ def test_infinite_loop_times_out_within_limit(marker):
     assert _none_left(marker)
 
 
-def test_timeout_kills_every_descendant(marker):
-    # A background grandchild, one that left the process group (setsid), and a test that sleeps (no CPU):
-    # the wall-clock timeout must end all of them.
-    program = (
+def _spawn_sleepers(marker: str) -> str:
+    """Program text starting a background child and one that leaves the process group (setsid)."""
+    return (
         "import subprocess, sys, time\n"
         f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
         f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}],"
         " start_new_session=True)\n"
         "time.sleep(0.3)\n"
-        "print('started', flush=True)\n"
-        "def f():\n    time.sleep(60)\n"
     )
+
+
+def test_timeout_kills_every_descendant(marker):
+    # A background grandchild, one that left the process group (setsid), and a test that sleeps (no CPU):
+    # the wall-clock timeout must end all of them.
+    program = _spawn_sleepers(marker) + "print('started', flush=True)\ndef f():\n    time.sleep(60)\n"
     start = time.monotonic()
     res = run_tests(program, ["f()"], timeout=1.5)
     assert time.monotonic() - start < 1.5 + MARGIN
@@ -280,14 +283,7 @@ def test_timeout_kills_every_descendant(marker):
 
 
 def test_stray_children_killed_after_normal_exit(marker):
-    program = (
-        "import subprocess, sys, time\n"
-        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
-        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}],"
-        " start_new_session=True)\n"
-        "time.sleep(0.3)\n"
-    )
-    res = run_tests(program, ["assert True"])
+    res = run_tests(_spawn_sleepers(marker), ["assert True"])
     assert res.status == "passed"
     if not _namespaces():
         pytest.skip("without a PID namespace a setsid() escapee survives the group kill")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -164,3 +165,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (what `sha256sum` prints), read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepared_shards(data_path: str | os.PathLike, view: str, split: str) -> list[str]:
+    """The parquet shards of one view and split of a `pipeline prepare` output, in order."""
+    return sorted(glob.glob(str(Path(data_path) / view / f"{split}-*.parquet")))

@@ -21,7 +21,6 @@ mean, response tokens/s.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from pipeline.configs import parse_stage_args
+from pipeline.data import prepared_shards
 from pipeline.errors import PipelineError
 from pipeline.losses import IPSLossConfig, ips_loss
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
@@ -88,7 +88,7 @@ class IPSConfig(SFTConfig):
 
 
 def read_rl_split(data_path: str, split: str, columns: list[str]) -> pa.Table | None:
-    files = sorted(glob.glob(str(Path(data_path) / "rl" / f"{split}-*.parquet")))
+    files = prepared_shards(data_path, "rl", split)
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
 
 

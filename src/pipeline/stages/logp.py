@@ -17,7 +17,6 @@ manifest is written last, after every uid was checked to be present exactly once
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.configs import parse_stage_args
-from pipeline.data import write_parquet_atomic
+from pipeline.data import prepared_shards, sha256_file, write_parquet_atomic
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 from pipeline.training import check_model_dir
@@ -87,23 +86,14 @@ class LogpConfig:
 # ------------------------------------------------------------------------------------------ fingerprints
 
 
-def sha256_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def model_fingerprint(model_dir: str) -> str:
     """Hash of config.json and the weight files: two runs agree only on the very same reference model."""
     folder = Path(model_dir)
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
     if not weights or not (folder / "config.json").is_file():
         raise PipelineError(f"model_name_or_path '{model_dir}' has no config.json or weight files")
-    return sha256_files([folder / "config.json", *weights])
+    listing = "".join(f"{p.name}:{sha256_file(p)}\n" for p in sorted([folder / "config.json", *weights]))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ input rows
@@ -127,7 +117,7 @@ def read_prepare_output(data_path: str, splits: list[str]) -> tuple[dict, list[S
     manifest = json.loads(manifest_path.read_text())
     inputs = []
     for split in splits:
-        files = sorted(glob.glob(str(Path(data_path) / "rl" / f"{split}-*.parquet")))
+        files = prepared_shards(data_path, "rl", split)
         rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
         inputs.append(SplitInput(split, files, rows))
     if not any(s.total for s in inputs):

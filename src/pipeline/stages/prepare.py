@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.configs import parse_stage_args
-from pipeline.data import atomic_directory, resolve_files
+from pipeline.data import atomic_directory, resolve_files, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 from pipeline.sandbox import strip_code_fence
@@ -444,6 +444,14 @@ def chat_array(turns: list[tuple[str, pa.Array]]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), messages)
 
 
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(path: str):
+    """Loaded once per process: the fingerprint and the length filter of the same run share it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def token_lengths(tokenizer, prompts: list, responses: list[str]) -> np.ndarray:
     from pipeline.tokenization import tokenize_prompt_response
 
@@ -561,9 +569,7 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict[str, int]
     cfg, views, tmp, plan = job.cfg, job.views, Path(job.tmp), job.plan
     tokenizer = None
     if cfg.tokenizer_name_or_path and cfg.max_length is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
     writers = {(view, split): ShardWriter(tmp / view, split, cfg, job.prefix)
                for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
     # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
@@ -654,14 +660,6 @@ def write_pairs(job: PairsJob, progress: tuple = (None, None)) -> dict[str, int]
     return {f"pairs_{split}": w.rows for split, w in writers.items()}
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -682,15 +680,13 @@ def main(argv: list[str] | None = None) -> dict:
     if out.exists() and not cfg.overwrite:
         raise PipelineError(f"output_dir '{out}' exists; choose another or pass --overwrite true")
 
-    tokenizer, tok_fingerprint = None, None
+    tok_fingerprint = None
     if cfg.tokenizer_name_or_path:
-        from transformers import AutoTokenizer
-
         from pipeline.tokenization import tokenizer_fingerprint
 
         check_model_dir(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
+            tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
         except Exception as err:
             raise PipelineError(
                 f"tokenizer_name_or_path '{cfg.tokenizer_name_or_path}': cannot load ({err})"
