@@ -43,3 +43,19 @@ def test_known_cases():
     two = "```\na\n```\nprose\n```\nb\n```"
     assert strip_code_fence(two) == two
     assert strip_code_fence("return retur") == "return retur"
+
+
+def test_prepare_clean_responses_equals_strip_code_fence():
+    """prepare's column-wise cleaning (spans + byte gather) gives `strip_code_fence` of every value."""
+    import pyarrow as pa
+
+    from pipeline.stages.prepare import clean_responses
+
+    rng = random.Random(1)
+    pieces = [*PIECES, "é", "日本", "😀", "\u2028"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    expected = [strip_code_fence(t) for t in texts]
+    assert clean_responses(pa.array(texts)).to_pylist() == expected
+    assert clean_responses(pa.array(texts, pa.large_string()).slice(7, 500)).to_pylist() == expected[7:507]
+    assert clean_responses(pa.chunked_array([texts[:10], texts[10:20]])).to_pylist() == expected[:20]
+    assert clean_responses(pa.array([], pa.string())).to_pylist() == []

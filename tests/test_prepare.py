@@ -150,6 +150,28 @@ def test_preference_pairs_respect_margin_and_prompt(tmp_path):
         assert p["chosen"][0]["role"] == "assistant" and FENCE not in p["chosen"][0]["content"]
 
 
+def test_pairs_view_alone_with_assistant_prefix_and_small_reads(tmp_path, monkeypatch):
+    """views=pairs: the rl rows it reads back are not left behind; a prefix starts both answers; pairs read
+    a few at a time (scattered rows of one prompt) give the same pairs."""
+    monkeypatch.setattr(prepare, "PAIRS_PER_READ", 3)
+    prefixed = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "def g():\n"}])
+    rows = rows_for({f"prompt {i}": [1.0, -1.0, 0.9, -0.8] for i in range(5)})
+    for row in rows[:4]:
+        row["prompt_pretokenized"] = prefixed
+    rows = rows[::2] + rows[1::2]  # responses to one prompt far apart in the file
+    out, manifest = run(tmp_path, write(tmp_path, rows), "--views", "pairs", "--eval_fraction", "0")
+    assert not (out / "rl").exists() and not (out / "sft").exists()
+    assert manifest["rows_out"] == {"pairs_train": 10, "pairs_eval": 0}
+    pairs = read(out, "pairs")
+    assert sorted((p["chosen_uid"], p["rejected_uid"]) for p in pairs) == sorted(
+        pair for i in range(5) for pair in ((f"p{i}-r0", f"p{i}-r1"), (f"p{i}-r2", f"p{i}-r3"))
+    )
+    first = next(p for p in pairs if p["chosen_uid"] == "p0-r0")
+    assert first["prompt"] == [{"role": "user", "content": "q"}]
+    assert first["chosen"][0]["content"] == "def g():\ndef f():\n    return 0"
+    assert first["rejected"][0]["content"] == "def g():\ndef f():\n    return 1"
+
+
 def test_sft_view_joins_assistant_prefix(tmp_path):
     prompt = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "def g():\n"}])
     rows = [{"uid": "u", "prompt_pretokenized": prompt, "unprocessed_response": "    return 1",
@@ -312,7 +334,7 @@ def test_two_worker_processes_write_the_same_rows(tmp_path, tiny_model_dir):
         outputs[workers] = (out, manifest)
     (one, m1), (two, m2) = outputs["1"], outputs["2"]
     assert m1["rows_out"] == m2["rows_out"] and m1["drops"] == m2["drops"]
-    assert len(list((two / "rl").glob("train-w1-*.parquet"))) == 1  # the second worker wrote its own shard
+    assert len(list((two / "rl").glob("train-w001-*.parquet"))) == 1  # the second worker wrote its own shard
     for view, key in (("rl", "uid"), ("sft", "uid"), ("pairs", "chosen_uid")):
         for split in ("train", "eval"):
             a = sorted(read(one, view, split), key=lambda r: r[key])

@@ -804,28 +804,39 @@ def strip_code_fence(text: str) -> str:
     """Remove exactly one Markdown code fence enclosing the whole (trimmed) text; else return ``text``.
 
     Only whole lines are removed (never a character-set strip, which would eat the "r" of ``return``).
-    Text with several fenced blocks, or prose around a block, is returned unchanged. Works on slices rather
-    than a list of lines: `prepare` runs it over millions of responses (tests/test_fence.py checks it
-    against the line-by-line statement of the rule).
+    Text with several fenced blocks, or prose around a block, is returned unchanged.
     """
+    start, stop = code_fence_span(text)
+    return text[start:stop]
+
+
+def code_fence_span(text: str) -> tuple[int, int]:
+    """`(start, stop)` of what `strip_code_fence` keeps: the inside of the fence, or all of ``text``.
+
+    Works on slices rather than a list of lines: `prepare` runs it over millions of responses
+    (tests/test_fence.py checks it against the line-by-line statement of the rule).
+    """
+    whole = (0, len(text))
     stripped = text.strip()
     if not stripped.startswith("`"):
-        return text
+        return whole
     first_nl, last_nl = stripped.find("\n"), stripped.rfind("\n")
     if first_nl < 0:
-        return text
+        return whole
     opening = _OPEN_FENCE.match(stripped[:first_nl].rstrip())
     if opening is None:
-        return text
+        return whole
     ticks = opening.group(1)
     closing = stripped[last_nl + 1 :].strip()
     if not (closing.startswith(ticks) and set(closing) == {"`"}):
-        return text
-    inner = stripped[first_nl + 1 : last_nl] if last_nl > first_nl else ""
+        return whole
+    if last_nl == first_nl:  # an opening and a closing line with nothing between
+        return (0, 0)
     # A fence line inside means the text is more than one block (e.g. ```a``` prose ```b```).
-    if _has_fence_line(inner, ticks):
-        return text
-    return inner
+    if _has_fence_line(stripped[first_nl + 1 : last_nl], ticks):
+        return whole
+    lead = len(text) - len(text.lstrip())
+    return (lead + first_nl + 1, lead + last_nl)
 
 
 def _has_fence_line(text: str, ticks: str) -> bool:

@@ -18,12 +18,15 @@ Output (`output_dir`, written under a temporary name and renamed when complete):
 - `sft/{train,eval}-NNNNN.parquet`: `messages` (user, assistant = prefix + response) for rows whose reward
   exceeds `pos_threshold`;
 - `pairs/{train,eval}-NNNNN.parquet`: `prompt`/`chosen`/`rejected` (+ rewards, uids) from responses to the
-  same prompt whose rewards differ by at least `pair_margin`;
+  same prompt whose rewards differ by at least `pair_margin` (chosen from ids and rewards in memory; the
+  paired rows' cleaned text is then read back from the rl shards, which are written aside if `rl` is not
+  among the views);
 - `manifest.json`: sources with sha256, rows in/out, drops per reason, the config, tokenizer fingerprint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,15 +44,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.configs import parse_stage_args
-from pipeline.data import atomic_directory, resolve_files, sha256_file
+from pipeline.data import atomic_directory, prepared_shards, resolve_files, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
-from pipeline.sandbox import strip_code_fence
+from pipeline.sandbox import code_fence_span
 from pipeline.tokenization import PromptError, parse_prompt
 from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.prepare")
 SCHEMA_VERSION = 1
+PAIRS_PER_READ = 10_000  # pairs whose text is held at once in pass 3 (~40 MB at 2 KB responses)
 PROMPT_KEY = "prompt_pretokenized"
 
 
@@ -191,7 +195,7 @@ def check_schema(path: str, schema: pa.Schema, cfg: PrepareConfig) -> None:
 # ------------------------------------------------------------------------------------------ pass 1
 
 
-@functools.lru_cache(maxsize=1 << 18)
+@functools.lru_cache(maxsize=1 << 15)
 def _parse_prompt_text(text: str) -> list[dict[str, str]]:
     return parse_prompt(text)
 
@@ -209,7 +213,7 @@ def prompt_hasher(seed: int):
         canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
         return int.from_bytes(hashlib.blake2b(canonical, digest_size=8, key=salt).digest(), "little")
 
-    cached = functools.lru_cache(maxsize=1 << 18)(lambda text: key_of(prompt_messages(text)))
+    cached = functools.lru_cache(maxsize=1 << 15)(lambda text: key_of(prompt_messages(text)))
     return lambda value: cached(value) if isinstance(value, str) else key_of(prompt_messages(value))
 
 
@@ -433,12 +437,38 @@ def prompt_parts(prompts: pa.Array) -> tuple[pa.Array, pa.Array]:
     return (user, prefix) if rows is None else (user.take(rows), prefix.take(rows))
 
 
+def clean_responses(responses: pa.Array) -> pa.Array:
+    """`strip_code_fence` of every value, as a string array.
+
+    Only each value's kept span is computed in Python; the kept bytes are joined straight from the input's
+    buffer, because building millions of ~2 KB Python strings back into Arrow is the slow part of prepare.
+    """
+    responses = responses.combine_chunks() if isinstance(responses, pa.ChunkedArray) else responses
+    responses = responses.cast(pa.large_string())  # int64 offsets whatever the input type
+    n = len(responses)
+    spans = np.array([code_fence_span(r) for r in responses.to_pylist()], dtype=np.int64).reshape(n, 2)
+    ascii_rows = pc.string_is_ascii(responses).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(~ascii_rows):  # character offsets differ from byte offsets here
+        text = responses[int(i)].as_py()
+        spans[i] = [len(text[: spans[i, 0]].encode()), len(text[: spans[i, 1]].encode())]
+    offsets = np.frombuffer(responses.buffers()[1], np.int64)[responses.offset : responses.offset + n + 1]
+    starts, stops = offsets[:-1] + spans[:, 0], offsets[:-1] + spans[:, 1]
+    data = memoryview(responses.buffers()[2]) if n else memoryview(b"")
+    kept = b"".join([data[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)])
+    new_offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+    cleaned = pa.LargeStringArray.from_buffers(n, pa.py_buffer(new_offsets), pa.py_buffer(kept))
+    return cleaned.cast(pa.string())
+
+
 def chat_array(turns: list[tuple[str, pa.Array]]) -> pa.ListArray:
     """Rows of chat messages built column-wise: turn t of every row has role turns[t][0], content turns[t][1]."""
     n, k = len(turns[0][1]), len(turns)
     contents = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for _, c in turns]
-    interleave = pa.array(np.arange(n * k).reshape(k, n).T.ravel())
-    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(interleave)
+    if k == 1:
+        content = contents[0].cast(pa.string())
+    else:
+        interleave = pa.array(np.arange(n * k).reshape(k, n).T.ravel())
+        content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(interleave)
     role = pa.array([r for r, _ in turns] * n, pa.string())
     messages = pa.StructArray.from_arrays([role, content], names=["role", "content"])
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), messages)
@@ -459,41 +489,45 @@ def token_lengths(tokenizer, prompts: list, responses: list[str]) -> np.ndarray:
     return np.array([len(s.input_ids) for s in samples])
 
 
-def build_pairs(bucket_dir: Path, cfg: PrepareConfig) -> pa.Table | None:
-    """Preference pairs within each prompt of one bucket: best vs worst first, margin >= `pair_margin`.
+def choose_pairs(keys: np.ndarray, rewards: np.ndarray, keep: np.ndarray, cfg: PrepareConfig):
+    """Preference pairs from ids and rewards alone: (chosen rows, rejected rows), global row indices.
 
-    Pairs are chosen from ids and rewards alone; only the paired rows' text is then read.
+    Within each prompt the kept rows are sorted best first (ties: earlier row first); best pairs with worst,
+    second best with second worst, ... (each response in at most one pair), up to `max_pairs_per_prompt`,
+    keeping those whose rewards differ by at least `pair_margin`. Pairs come out ordered by their first row, so reading their text back is local.
     """
-    small = pq.read_table(bucket_dir, columns=["uid", "prompt_key", "reward"])
-    uids, rewards = small.column("uid").to_pylist(), small.column("reward").to_numpy()
-    keys = small.column("prompt_key").to_numpy()
-    order = np.lexsort((np.array(uids), -rewards, keys))
-    bounds = np.flatnonzero(np.diff(keys[order])) + 1
-    chosen_rows = []
-    for group in np.split(order, bounds):
-        # best vs worst, second best vs second worst, ...: each response in at most one pair
-        for a in range(min(len(group) // 2, cfg.max_pairs_per_prompt)):
-            good, bad = int(group[a]), int(group[len(group) - 1 - a])
-            if rewards[good] - rewards[bad] < cfg.pair_margin:
-                break  # pairs further in are closer still
-            chosen_rows.append((good, bad))
-    if not chosen_rows:
-        return None
-    good, bad = (np.array(side) for side in zip(*chosen_rows, strict=True))
-    text = pq.read_table(bucket_dir, columns=["prompt", "response", "is_eval"])
-    user, prefix = prompt_parts(text.column("prompt").take(pa.array(good)))
-    responses = text.column("response")
-    uid_col = small.column("uid")
-    return pa.table({
-        "prompt": chat_array([("user", user)]),
-        "chosen": chat_array([("assistant", pc.binary_join_element_wise(prefix, responses.take(good), ""))]),
-        "rejected": chat_array([("assistant", pc.binary_join_element_wise(prefix, responses.take(bad), ""))]),
-        "chosen_reward": rewards[good],
-        "rejected_reward": rewards[bad],
-        "chosen_uid": uid_col.take(good),
-        "rejected_uid": uid_col.take(bad),
-        "is_eval": text.column("is_eval").take(good),
-    })  # fmt: skip
+    rows = np.flatnonzero(keep)
+    order = rows[np.lexsort((rows, -rewards[rows], keys[rows]))]
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    group = np.repeat(np.arange(len(starts)), sizes)
+    position = np.arange(len(order)) - starts[group]
+    first_half = position < np.minimum(sizes[group] // 2, cfg.max_pairs_per_prompt)
+    good = order[first_half]
+    bad = order[(starts[group] + sizes[group] - 1 - position)[first_half]]
+    wide = rewards[good] - rewards[bad] >= cfg.pair_margin  # shrinks with position: no gaps within a prompt
+    good, bad = good[wide], bad[wide]
+    by_first_row = np.argsort(np.minimum(good, bad), kind="stable")
+    return good[by_first_row], bad[by_first_row]
+
+
+def read_rows(units, rows: np.ndarray, columns: list[str], batch_rows: int) -> pa.Table:
+    """The given global rows (sorted, unique) of the inputs, in that order; only the row groups holding them
+    are read, batch by batch, and only those rows are kept."""
+    pieces = []
+    for path, group, first_row, n in units:
+        lo, hi = np.searchsorted(rows, [first_row, first_row + n])
+        if lo == hi:
+            continue
+        wanted = rows[lo:hi]
+        offset = first_row
+        for batch in iter_batches(path, batch_rows, columns, None if group is None else [group]):
+            a, b = np.searchsorted(wanted, [offset, offset + batch.num_rows])
+            if a < b:
+                pieces.append(pa.Table.from_batches([batch]).take(pa.array(wanted[a:b] - offset)))
+            offset += batch.num_rows
+    return pa.concat_tables(pieces)
 
 
 @dataclass
@@ -513,7 +547,6 @@ class ViewsJob:
     tmp: str
     prefix: str  # shard-name prefix of this worker
     units: list[tuple[str, int | None, int, int]]  # (file, row group or None, first global row, rows)
-    num_buckets: int
     plan: RowPlan
 
 
@@ -522,7 +555,9 @@ class PairsJob:
     cfg: PrepareConfig
     tmp: str
     prefix: str
-    bucket_dirs: list[str]
+    splits: dict[str, tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    # per split: (rl shard files in order, chosen positions, rejected positions, chosen/rejected rewards)
+    # a position is a row's index in the concatenated rl shards of its split
 
 
 def work_units(sources) -> list[tuple[str, int | None, int, int]]:
@@ -542,28 +577,42 @@ def work_units(sources) -> list[tuple[str, int | None, int, int]]:
 
 def split_evenly(items: list, parts: int) -> list[list]:
     """Contiguous, nearly equal pieces (contiguous keeps each worker's output in input order)."""
-    size = -(-len(items) // parts)
+    size = max(1, -(-len(items) // parts))
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
-def run_jobs(function, jobs: list, num_proc: int, desc: str | None = None, total: int | None = None) -> list:
-    """Run jobs in order. With several, this process runs the first itself (it is resident already, so only
-    num_proc - 1 new processes add memory) and spawned workers run the rest (pyarrow's threads make fork
-    unsafe)."""
-    if num_proc == 1 or len(jobs) == 1:
-        return [function(job, progress=(desc, total)) for job in jobs]
+@contextlib.contextmanager
+def worker_pool(num_proc: int):
+    """`num_proc - 1` spawned worker processes (pyarrow's threads make fork unsafe), or None for one process.
+    The workers import this module at once, so their start-up overlaps pass 1."""
+    if num_proc <= 1:
+        yield None
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with ProcessPoolExecutor(len(jobs) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        others = [pool.submit(function, job) for job in jobs[1:]]
-        first = function(jobs[0])
-        return [first, *(future.result() for future in others)]
+    with ProcessPoolExecutor(num_proc - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in range(num_proc - 1):
+            pool.submit(time.sleep, 0)
+        yield pool
 
 
-def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict[str, int]:
-    """Pass 2 over this job's rows: clean responses, drop too-long rows, write rl/sft shards and pair buckets."""
+def run_jobs(function, jobs: list, pool, desc: str | None = None, total: int | None = None) -> list:
+    """Run jobs in order. This process runs the first itself (it is resident already, so only the pool's
+    processes add memory) and the pool runs the rest."""
+    if pool is None or len(jobs) <= 1:
+        return [function(job, progress=(desc, total)) for job in jobs]
+    others = [pool.submit(function, job) for job in jobs[1:]]
+    share = total and -(-total // len(jobs))  # the bar shows this process's share
+    first = function(jobs[0], progress=(desc, share))
+    return [first, *(future.result() for future in others)]
+
+
+def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
+    """Pass 2 over this job's rows: clean responses, drop too-long rows, write the rl and sft shards.
+
+    Returns rows written per view and split, and the global indices of the rows too long to keep."""
     from tqdm.auto import tqdm
 
     cfg, views, tmp, plan = job.cfg, job.views, Path(job.tmp), job.plan
@@ -572,11 +621,7 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict[str, int]
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
     writers = {(view, split): ShardWriter(tmp / view, split, cfg, job.prefix)
                for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
-    # rows for preference pairs go to buckets by prompt hash, so pass 3 holds one bucket at a time
-    buckets = [
-        ShardWriter(tmp / ".buckets" / f"{b:04d}", f"{job.prefix}rows", cfg) for b in range(job.num_buckets)
-    ]
-    too_long_count = 0
+    too_long_rows = []
     desc, total = progress
     bar = tqdm(total=total, desc=desc, unit="row", disable=desc is None or (total or 0) < 100_000)
     for path, group, first_row, _ in job.units:
@@ -592,23 +637,24 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict[str, int]
                 at = first_null(response_col)
                 raise PipelineError(f"{path}: column '{cfg.response_key}' is null at row {sl.start + at}, "
                                     f"uid {batch.column('uid')[at]}")  # fmt: skip
-            responses = [strip_code_fence(r) for r in response_col.to_pylist()]
-            if tokenizer is not None and mask.any():
-                rows = np.flatnonzero(mask)
-                prompts = batch.column(PROMPT_KEY).take(pa.array(rows)).to_pylist()
-                lengths = token_lengths(tokenizer, prompts, [responses[i] for i in rows])
-                too_long = rows[lengths > cfg.max_length]
-                mask[too_long] = False
-                too_long_count += len(too_long)
-            if not mask.any():
+            rows = np.flatnonzero(mask)
+            if not len(rows):
                 continue
-            table = pa.Table.from_batches([batch])
+            selected = pa.Table.from_batches([batch]).take(pa.array(rows))
             del batch, response_col
-            table = table.set_column(table.schema.get_field_index(cfg.response_key), cfg.response_key,
-                                     pa.array(responses, pa.string()))  # fmt: skip
-            table = table.append_column(cfg.reward_output_key, pa.array(plan.rewards[sl]))
-            table = table.append_column("prompt_id", pa.array(plan.prompt_keys[sl]))
-            selected = table.filter(pa.array(mask))
+            responses = clean_responses(selected.column(cfg.response_key))
+            if tokenizer is not None:
+                prompts = selected.column(PROMPT_KEY).to_pylist()
+                long = token_lengths(tokenizer, prompts, responses.to_pylist()) > cfg.max_length
+                too_long_rows.append(rows[long] + sl.start)
+                mask[rows[long]] = False
+                selected, responses = selected.filter(pa.array(~long)), responses.filter(pa.array(~long))
+                if not mask.any():
+                    continue
+            selected = selected.set_column(selected.schema.get_field_index(cfg.response_key), cfg.response_key,
+                                           responses)  # fmt: skip
+            selected = selected.append_column(cfg.reward_output_key, pa.array(plan.rewards[sl][mask]))
+            selected = selected.append_column("prompt_id", pa.array(plan.prompt_keys[sl][mask]))
             eval_rows = plan.is_eval[sl][mask]
             for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
                 part = selected.filter(pa.array(split_mask))
@@ -624,40 +670,50 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict[str, int]
                             "uid": pos.column("uid"), "messages": messages,
                             cfg.reward_output_key: pos.column(cfg.reward_output_key),
                         }))  # fmt: skip
-            if "pairs" in views:
-                keys = plan.prompt_keys[sl][mask]
-                rows_for_pairs = pa.table({
-                    "uid": selected.column("uid"),
-                    "prompt_key": pa.array(keys),
-                    "prompt": selected.column(PROMPT_KEY),
-                    "response": selected.column(cfg.response_key),
-                    "reward": selected.column(cfg.reward_output_key),
-                    "is_eval": pa.array(eval_rows),
-                })  # fmt: skip
-                bucket_of = keys % np.uint64(job.num_buckets)
-                for b in np.unique(bucket_of):
-                    buckets[int(b)].write(rows_for_pairs.filter(pa.array(bucket_of == b)))
     bar.close()
-    for writer in [*writers.values(), *buckets]:
+    for writer in writers.values():
         writer.close()
-    return {**{f"{view}_{split}": w.rows for (view, split), w in writers.items()}, "too_long": too_long_count}
+    too_long = np.concatenate(too_long_rows) if too_long_rows else np.zeros(0, dtype=np.int64)
+    return {"rows": {f"{view}_{split}": w.rows for (view, split), w in writers.items()}, "too_long": too_long}
 
 
 def write_pairs(job: PairsJob, progress: tuple = (None, None)) -> dict[str, int]:
-    """Pass 3 over this job's buckets: preference pairs within each prompt."""
-    writers = {
-        split: ShardWriter(Path(job.tmp) / "pairs", split, job.cfg, job.prefix) for split in ("train", "eval")
-    }
-    for bucket_dir in job.bucket_dirs:
-        pairs = build_pairs(Path(bucket_dir), job.cfg)
-        if pairs is None:
-            continue
-        held_out = pairs.column("is_eval")
-        for split, split_mask in (("train", pc.invert(held_out)), ("eval", held_out)):
-            writers[split].write(pairs.filter(split_mask).drop_columns(["is_eval"]))
-    for writer in writers.values():
+    """Pass 3 over this job's pairs, `PAIRS_PER_READ` at a time: read the paired rows (already cleaned) back
+    from the rl shards, touching only the row groups that hold them, and write prompt/chosen/rejected."""
+    from tqdm.auto import tqdm
+
+    cfg = job.cfg
+    desc, total = progress
+    bar = tqdm(total=total, desc=desc, unit="pair", disable=desc is None or (total or 0) < 100_000)
+    rows_out = {}
+    for split, (files, good_all, bad_all, good_reward, bad_reward) in job.splits.items():
+        writer = ShardWriter(Path(job.tmp) / "pairs", split, cfg, job.prefix)
+        units = work_units([(f, None, pq.ParquetFile(f).metadata.num_rows) for f in files])
+        for start in range(0, len(good_all), PAIRS_PER_READ):
+            good, bad = good_all[start : start + PAIRS_PER_READ], bad_all[start : start + PAIRS_PER_READ]
+            rows = np.unique(np.concatenate([good, bad]))
+            text = read_rows(units, rows, ["uid", PROMPT_KEY, cfg.response_key], cfg.batch_rows)
+            at_good, at_bad = pa.array(np.searchsorted(rows, good)), pa.array(np.searchsorted(rows, bad))
+            user, prefix = prompt_parts(text.column(PROMPT_KEY).take(at_good))
+            responses = text.column(cfg.response_key)
+            chosen, rejected = responses.take(at_good), responses.take(at_bad)
+            if pc.any(pc.not_equal(prefix, "")).as_py():  # an assistant prefix starts the answer
+                chosen = pc.binary_join_element_wise(prefix, chosen, "")
+                rejected = pc.binary_join_element_wise(prefix, rejected, "")
+            writer.write(pa.table({
+                "prompt": chat_array([("user", user)]),
+                "chosen": chat_array([("assistant", chosen)]),
+                "rejected": chat_array([("assistant", rejected)]),
+                "chosen_reward": good_reward[start : start + PAIRS_PER_READ],
+                "rejected_reward": bad_reward[start : start + PAIRS_PER_READ],
+                "chosen_uid": text.column("uid").take(at_good),
+                "rejected_uid": text.column("uid").take(at_bad),
+            }))  # fmt: skip
+            bar.update(len(good))
         writer.close()
-    return {f"pairs_{split}": w.rows for split, w in writers.items()}
+        rows_out[f"pairs_{split}"] = writer.rows
+    bar.close()
+    return rows_out
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -701,58 +757,81 @@ def main(argv: list[str] | None = None) -> dict:
     rows_in = sum(rows for _, _, rows in sources)
     if rows_in == 0:
         raise PipelineError(f"{cfg.data_path}: no rows")
-    index = scan_rows(sources, cfg)
-    pa.default_memory_pool().release_unused()  # pass 1's batches are gone; give their memory back
-    drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum())}
-    keep = ~index.duplicate
-    rewards = transform_rewards(index, keep, cfg)
-    kept = apply_datafilter(index, rewards, keep, cfg)
-    drops[f"datafilter_{cfg.datafilter}"] = int(keep.sum() - kept.sum())
-    keep = kept
-    is_eval = split_of(index.prompt_keys, cfg.eval_fraction)
-
-    # passes 2 and 3 (clean, length filter, views; then pairs) run in `num_proc` workers over disjoint rows
+    # passes 2 and 3 (clean, length filter, views; then pairs) run in `num_proc` processes over disjoint rows
     units = work_units(sources)
     num_proc = cfg.num_proc or (min(2, os.cpu_count() or 1) if rows_in >= 200_000 else 1)
     num_proc = max(1, min(num_proc, len(units)))
-    num_buckets = max(1, -(-rows_in // 50_000))  # pass 3 holds one bucket (~50k rows) per process
-    plan = RowPlan(keep, rewards, index.prompt_keys, is_eval)
-    with atomic_directory(out) as tmp:
-        jobs = [ViewsJob(cfg, sorted(views), str(tmp), f"w{k}-" if num_proc > 1 else "", part, num_buckets, plan)
-                for k, part in enumerate(split_evenly(units, num_proc))]  # fmt: skip
-        results = run_jobs(write_views, jobs, num_proc, "prepare", rows_in)
-        rows_out = {key: sum(r[key] for r in results) for key in results[0] if key != "too_long"}
-        drops["too_long"] = sum(r["too_long"] for r in results)
-        if "rl" in views and rows_out["rl_train"] + rows_out["rl_eval"] == 0:
-            raise PipelineError(f"{cfg.data_path}: zero rows left after filtering (drops: {drops})")
-        if "pairs" in views:
-            bucket_dirs = [str(d) for d in sorted((tmp / ".buckets").glob("*")) if d.is_dir()]
-            pair_jobs = [PairsJob(cfg, str(tmp), f"w{k}-" if num_proc > 1 else "", part)
-                         for k, part in enumerate(split_evenly(bucket_dirs, num_proc))]  # fmt: skip
-            for result in run_jobs(write_pairs, pair_jobs, num_proc):
-                for key, value in result.items():
-                    rows_out[key] = rows_out.get(key, 0) + value
-        shutil.rmtree(tmp / ".buckets", ignore_errors=True)
+    with worker_pool(num_proc) as pool:
+        index = scan_rows(sources, cfg)
+        seconds = {"scan": time.time() - started}
+        pa.default_memory_pool().release_unused()  # pass 1's batches are gone; give their memory back
+        drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum())}
+        keep = ~index.duplicate
+        rewards = transform_rewards(index, keep, cfg)
+        kept = apply_datafilter(index, rewards, keep, cfg)
+        drops[f"datafilter_{cfg.datafilter}"] = int(keep.sum() - kept.sum())
+        keep = kept
+        is_eval = split_of(index.prompt_keys, cfg.eval_fraction)
 
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "stage": "prepare",
-            "sources": [
-                {"path": os.path.abspath(p), "rows": r, "sha256": sha256_file(p)} for p, _, r in sources
-            ],
-            "rows_in": rows_in,
-            "rows_out": rows_out,
-            "drops": drops,
-            "config": asdict(cfg),
-            "tokenizer_fingerprint": tok_fingerprint,
-            "columns": {
-                "reward": cfg.reward_output_key,
-                "response": cfg.response_key,
-                "raw_reward": cfg.reward_key,
-            },
-            "seconds": round(time.time() - started, 3),
-        }
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        plan = RowPlan(keep, rewards, index.prompt_keys, is_eval)
+        with atomic_directory(out) as tmp:
+            # per-process shard names; zero-padded so that they sort in row order
+            prefixes = [f"w{k:03d}-" if num_proc > 1 else "" for k in range(num_proc)]
+            # the pairs view is read back from the rl view's cleaned rows: written aside when not asked for
+            written = sorted(views | ({"rl"} if "pairs" in views else set()))
+            jobs = [ViewsJob(cfg, written, str(tmp), prefixes[k], part, plan)
+                    for k, part in enumerate(split_evenly(units, num_proc))]  # fmt: skip
+            results = run_jobs(write_views, jobs, pool, "prepare", rows_in)
+            seconds["views"] = time.time() - started - sum(seconds.values())
+            rows_out = {key: sum(r["rows"][key] for r in results) for key in results[0]["rows"]}
+            too_long = np.concatenate([r["too_long"] for r in results])
+            drops["too_long"] = len(too_long)
+            keep[too_long] = False
+            if not keep.any():
+                raise PipelineError(f"{cfg.data_path}: zero rows left after filtering (drops: {drops})")
+            if "pairs" in views:
+                # pass 3: pairs are chosen from ids and rewards alone, then only their rows' text is read back
+                good, bad = choose_pairs(index.prompt_keys, rewards, keep, cfg)
+                shares = [{} for _ in range(num_proc)]
+                for split, held_out in (("train", False), ("eval", True)):
+                    in_split = keep & (is_eval == held_out)
+                    position = np.cumsum(in_split) - 1  # row -> index in the split's concatenated rl shards
+                    mine = is_eval[good] == held_out
+                    files = prepared_shards(tmp, "rl", split)
+                    for k, share in enumerate(split_evenly(np.flatnonzero(mine), num_proc)):
+                        g, b = good[share], bad[share]
+                        shares[k][split] = (files, position[g], position[b], rewards[g], rewards[b])
+                pair_jobs = [
+                    PairsJob(cfg, str(tmp), prefixes[k], share) for k, share in enumerate(shares) if share
+                ]
+                rows_out.update(pairs_train=0, pairs_eval=0)
+                for result in run_jobs(write_pairs, pair_jobs, pool, "pairs", len(good)) if pair_jobs else []:
+                    for key, value in result.items():
+                        rows_out[key] = rows_out.get(key, 0) + value
+                seconds["pairs"] = time.time() - started - sum(seconds.values())
+            if "rl" not in views:
+                shutil.rmtree(tmp / "rl")
+            rows_out = {k: v for k, v in rows_out.items() if k.split("_")[0] in views}
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "stage": "prepare",
+                "sources": [
+                    {"path": os.path.abspath(p), "rows": r, "sha256": sha256_file(p)} for p, _, r in sources
+                ],
+                "rows_in": rows_in,
+                "rows_out": rows_out,
+                "drops": drops,
+                "config": asdict(cfg),
+                "tokenizer_fingerprint": tok_fingerprint,
+                "columns": {
+                    "reward": cfg.reward_output_key,
+                    "response": cfg.response_key,
+                    "raw_reward": cfg.reward_key,
+                },
+                "seconds": round(time.time() - started, 3),
+                "seconds_by_pass": {name: round(value, 3) for name, value in seconds.items()},
+            }
+            atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     logger.info("prepare: %d rows in, %s out, drops %s -> %s", rows_in, rows_out, drops, out)
     print(json.dumps({"output_dir": str(out), "rows_in": rows_in, "rows_out": rows_out, "drops": drops}))
     return manifest
