@@ -57,18 +57,26 @@ def save_final_model(trainer, output_dir: str) -> None:
 
 
 def train_evaluate_save(
-    trainer, run: RunInfo, metrics: dict, output_dir: str, resume_from_checkpoint=None
+    trainer, run: RunInfo, metrics: dict, output_dir: str, resume_from_checkpoint=None, eval_keys=()
 ) -> dict:
-    """Eval loss before, training, eval loss after, final save, run.json; returns metrics + log history."""
+    """Eval loss before, training, eval loss after, final save, run.json; returns metrics + log history.
+
+    `eval_keys`: further eval metrics (without the `eval_` prefix) recorded before and after as well."""
     has_eval = trainer.eval_dataset is not None
     try:
         if has_eval:
-            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            before = trainer.evaluate()
+            metrics["eval_loss_before"] = before["eval_loss"]
+            metrics.update(
+                {f"eval_{k}_before": before[f"eval_{k}"] for k in eval_keys if f"eval_{k}" in before}
+            )
             logger.info("eval loss before training %.4f", metrics["eval_loss_before"])
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         metrics.update(train_loss=result.training_loss, global_step=result.global_step)
         if has_eval:
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+            after = trainer.evaluate()
+            metrics["eval_loss"] = after["eval_loss"]
+            metrics.update({f"eval_{k}": after[f"eval_{k}"] for k in eval_keys if f"eval_{k}" in after})
             logger.info("eval loss after training %.4f", metrics["eval_loss"])
         save_final_model(trainer, output_dir)
     except BaseException:
