@@ -38,6 +38,22 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.ips",
         "Offline importance-sampling training (IPS/TOPR/RWR + KL) from prepared rows and stored logps.",
     ),
+    "rm": (
+        "pipeline.stages.rm",
+        "Pairwise reward model (TRL RewardTrainer) on prompt/chosen/rejected; saves a sequence classifier.",
+    ),
+    "dpo": (
+        "pipeline.stages.dpo",
+        "DPO and every TRL preference loss; reference live, precomputed, or read from `pipeline logp` output.",
+    ),
+    "grpo": (
+        "pipeline.stages.grpo",
+        "Online GRPO (TRL GRPOTrainer) with sandboxed code-execution rewards and/or a reward model.",
+    ),
+    "rloo": (
+        "pipeline.stages.rloo",
+        "Online RLOO (TRL RLOOTrainer) with the same prompts and rewards as grpo.",
+    ),
     "eval-code": (
         "pipeline.stages.eval_code",
         "Run HumanEval-format code samples in the sandbox; write <samples>_results.jsonl and print pass@k.",

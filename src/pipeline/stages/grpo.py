@@ -1,0 +1,367 @@
+"""GRPO stage: a thin wrapper around TRL's `GRPOTrainer`, driven by a YAML recipe (online RL from prompts).
+
+    pipeline grpo --config recipes/demo/grpo.yaml [--max_steps 20 --output_dir runs/x ...]
+    accelerate launch --config_file accelerate_configs/<...>.yaml -m pipeline.cli grpo --config ...
+
+Fields: every `GRPOConfig` field (TRL: `num_generations`, `max_completion_length`, `temperature`, `beta`,
+`loss_type`, `reward_weights`, and the vLLM options `use_vllm`, `vllm_mode: colocate|server`, ... which pass
+straight through for GPU users; without them generation is the model's own `generate`), every
+`ModelConfig` field (LoRA via `use_peft`, QLoRA via `load_in_4bit`), our `DataArguments` and the
+`RewardArguments` below.
+
+Prompts (`train_data`, optional `eval_data`; parquet/jsonl/json): rows with a `prompt` column (a chat message
+list or plain text), or `messages` (the conversation up to its last non-assistant turn is the prompt), or
+`prompt_pretokenized` (a JSON chat, as in `pipeline synthetic-data`'s coderl files). The last two are
+reduced to one row per distinct prompt. Every other column reaches the reward functions as a keyword:
+
+- `code_execution` (default): runs each completion (one code fence stripped) against the row's `tests`
+  (a list of `assert` statements) in the sandbox; reward `2 * pass_fraction - 1`. The synthetic task's
+  files carry no `tests`; `synthetic_task_seed` (the `--seed` given to `pipeline synthetic-data`) adds them
+  by `task_id`.
+- `humaneval`: HumanEval-format rows (`test`, `entry_point`, optional `code_prompt`); reward 1 or 0.
+- `reward_model`: the scalar reward model in `reward_model_path` (a `pipeline rm` output).
+
+Several names, comma-separated, are summed (weighted by `reward_weights`).
+
+Bad input (no prompt column, an unknown reward name, a column a reward needs missing, a reward model folder
+that is not one, an eval batch that does not hold whole prompt groups) is a one-line `PipelineError` before
+anything is written. On CPU keep `use_vllm: false` (the default); `per_device_train_batch_size` counts
+completions (a generation batch holds whole groups of `num_generations` per prompt).
+
+Writes to `output_dir`: the model (or LoRA adapter) and tokenizer, `run.json` (resolved config, seed, git
+commit, versions, host; metrics: mean train reward of the first and last logging windows `reward_start`,
+`reward_end`, and with `eval_data` the mean sampled reward on it before and after, `eval_reward_before`,
+`eval_reward`) and `run.log`. `pipeline rloo` (stages/rloo.py) shares all of this.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig, ModelConfig
+
+from pipeline.configs import DataArguments, parse_stage_args
+from pipeline.data import load_train_eval
+from pipeline.errors import PipelineError
+from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
+from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, save_final_model
+
+# reward name -> dataset columns it reads
+REWARD_COLUMNS: dict[str, tuple[str, ...]] = {
+    "code_execution": ("tests",),
+    "humaneval": ("test", "entry_point"),
+    "reward_model": (),
+}
+# columns a prompt can come from, in order of preference
+PROMPT_SOURCES = ("prompt", "messages", "prompt_pretokenized")
+
+
+@dataclass
+class RewardArguments:
+    """What scores the completions (shared by `pipeline grpo` and `pipeline rloo`)."""
+
+    reward_funcs: str = field(
+        default="code_execution",
+        metadata={
+            "help": "Comma-separated reward names: code_execution (row column `tests`), humaneval (columns "
+            "`test`, `entry_point`), reward_model (the model in `reward_model_path`). Rewards are summed, "
+            "weighted by `reward_weights`."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder of a scalar reward model (e.g. `pipeline rm` output), for reward_model."
+        },
+    )
+    reward_timeout: float = field(
+        default=5.0, metadata={"help": "Sandbox wall-clock seconds per completion (code rewards)."}
+    )
+    reward_workers: int | None = field(
+        default=None, metadata={"help": "Parallel sandbox executions (code rewards). Default: CPU count."}
+    )
+    synthetic_task_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt rows of the shipped synthetic task (task_id synth/NNNNN) without a `tests` column: "
+            "regenerate the task with this seed (the one given to `pipeline synthetic-data`) and add each "
+            "row's tests. Each prompt is checked against the regenerated problem."
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+def reward_names(args: RewardArguments) -> list[str]:
+    names = [n.strip() for n in str(args.reward_funcs or "").split(",") if n.strip()]
+    if not names:
+        raise PipelineError(f"reward_funcs: give one or more of {', '.join(REWARD_COLUMNS)}")
+    for name in names:
+        if name not in REWARD_COLUMNS:
+            raise PipelineError(
+                f"reward_funcs: unknown reward '{name}' (choose from {', '.join(REWARD_COLUMNS)})"
+            )
+    if len(set(names)) != len(names):
+        raise PipelineError(f"reward_funcs: '{args.reward_funcs}' names a reward twice")
+    if "reward_model" in names:
+        from pipeline.stages.rm import check_reward_model_dir
+
+        check_reward_model_dir(args.reward_model_path)
+    elif args.reward_model_path:
+        raise PipelineError("reward_model_path is set but reward_funcs does not list reward_model")
+    return names
+
+
+def build_reward_funcs(names: list[str], args: RewardArguments, dtype: Any = None) -> tuple[list, list]:
+    """(reward functions, their processing classes) in TRL's `reward_funcs` form."""
+    from pipeline.rewards import code_execution_reward, humaneval_reward
+
+    options = {"timeout": args.reward_timeout, "workers": args.reward_workers}
+    funcs: list = []
+    processing: list = []
+    for name in names:
+        if name == "reward_model":
+            from pipeline.stages.rm import load_reward_model
+
+            kwargs = {"dtype": dtype} if dtype not in (None, "auto") else {}
+            tokenizer, model = load_reward_model(args.reward_model_path, **kwargs)
+            if hasattr(model, "merge_and_unload"):  # a LoRA adapter: TRL scores with a plain model
+                model = model.merge_and_unload()
+            funcs.append(model)
+            processing.append(tokenizer)
+        else:
+            # partial keeps the wrapped name, so TRL logs rewards/code_execution_reward/mean etc.
+            base = code_execution_reward if name == "code_execution" else humaneval_reward
+            funcs.append(functools.partial(base, **options))
+            processing.append(None)
+    return funcs, processing
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def _chat_prompt(value: Any, where: str) -> list[dict] | str:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PipelineError(f"{where}: empty prompt")
+        return value
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value)
+    ):
+        raise PipelineError(
+            f"{where}: a prompt must be text or a non-empty list of {{role, content}} messages"
+        )
+    return value
+
+
+def _prompt_of_row(row: dict, source: str, where: str) -> list[dict] | str:
+    value = row[source]
+    if source == "prompt_pretokenized":
+        try:
+            value = json.loads(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"{where}: prompt_pretokenized is not a JSON chat") from None
+    elif source == "messages":
+        if not isinstance(value, list):
+            raise PipelineError(f"{where}: messages must be a list of {{role, content}} messages")
+        end = len(value)
+        while end and isinstance(value[end - 1], dict) and value[end - 1].get("role") == "assistant":
+            end -= 1
+        value = value[:end]
+    return _chat_prompt(value, where)
+
+
+def _add_synthetic_tests(rows: list[dict], seed: int, what: str) -> None:
+    from pipeline.tasks.synthetic import MAX_PROBLEMS, generate_problems
+
+    problems = {p.task_id: p for p in generate_problems(MAX_PROBLEMS, seed)}
+    for i, row in enumerate(rows):
+        problem = problems.get(row.get("task_id"))
+        if problem is None:
+            raise PipelineError(
+                f"{what}: row {i} has task_id {row.get('task_id')!r}, not one of the synthetic task's"
+            )
+        prompt = row["prompt"]
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else next((m["content"] for m in prompt if m["role"] == "user"), "")
+        )
+        if text != problem.prompt:
+            raise PipelineError(
+                f"{what}: row {i} ({problem.task_id}) is not the synthetic task's problem for seed {seed}; set "
+                "synthetic_task_seed to the --seed given to `pipeline synthetic-data`"
+            )
+        row["tests"] = list(problem.tests)
+
+
+def prompt_dataset(dataset, what: str, names: list[str], args: RewardArguments):
+    """A TRL prompt dataset (`prompt` column + the columns the rewards read) from loaded rows.
+
+    Checks every row; problems are one-line `PipelineError`s naming `what` (e.g. train_data)."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    source = next((c for c in PROMPT_SOURCES if c in columns), None)
+    if source is None:
+        raise PipelineError(
+            f"{what}: no prompt column: need one of {', '.join(PROMPT_SOURCES)}; found {', '.join(columns)}"
+        )
+    rows, seen = [], set()
+    for i, row in enumerate(dataset):
+        prompt = _prompt_of_row(row, source, f"{what} row {i}")
+        if source != "prompt":  # rows that carry responses: one row per distinct prompt
+            key = json.dumps(prompt, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            row = {k: v for k, v in row.items() if k != source}
+        rows.append({**row, "prompt": prompt})
+    if "code_execution" in names and "tests" not in columns:
+        if args.synthetic_task_seed is None:
+            raise PipelineError(
+                f"{what}: no `tests` column, which reward code_execution needs (for the synthetic task's files "
+                "set synthetic_task_seed to the --seed given to `pipeline synthetic-data`)"
+            )
+        _add_synthetic_tests(rows, args.synthetic_task_seed, what)
+    for name in names:
+        missing = [c for c in REWARD_COLUMNS[name] if c not in rows[0]]
+        if missing:
+            raise PipelineError(f"{what}: no `{missing[0]}` column, which reward {name} needs")
+    if "code_execution" in names and not any(r["tests"] for r in rows):
+        raise PipelineError(f"{what}: every row's `tests` is empty; code_execution has nothing to run")
+    return datasets.Dataset.from_list(rows)
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def _mean_reward(log_history: list[dict], first: bool) -> float | None:
+    values = [h["reward"] for h in log_history if h.get("reward") is not None and "eval_reward" not in h]
+    if not values:
+        return None
+    return values[0] if first else values[-1]
+
+
+def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] | None) -> dict:
+    """The whole stage for an online RL trainer of TRL with GRPOTrainer's interface (GRPO, RLOO)."""
+    data_args, reward_args, training_args, model_args = parse_stage_args(
+        (DataArguments, RewardArguments, config_class, ModelConfig), argv, stage
+    )
+    log = logging.getLogger(f"pipeline.{stage}")
+
+    # heavy imports after parsing, so `--help` and recipe errors answer fast
+    import trl
+    from transformers import set_seed
+    from trl import get_peft_config, get_quantization_config
+
+    # every input is checked before anything is written
+    names = reward_names(reward_args)
+    check_model_dir(model_args.model_name_or_path)
+    if training_args.use_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise PipelineError(
+                "use_vllm: the vllm package is not installed (a GPU option; set use_vllm false)"
+            )
+    train_rows, eval_rows = load_train_eval(data_args, training_args.seed)
+    train_dataset = prompt_dataset(train_rows, "train_data", names, reward_args)
+    eval_dataset = prompt_dataset(eval_rows, "eval_data", names, reward_args) if eval_rows else None
+    if eval_dataset is not None:
+        n_eval = training_args.num_generations_eval or training_args.num_generations
+        if (training_args.per_device_eval_batch_size * training_args.world_size) % n_eval:
+            raise PipelineError(
+                f"per_device_eval_batch_size ({training_args.per_device_eval_batch_size}) x processes must be "
+                f"divisible by num_generations_eval ({n_eval}), the completions sampled per eval prompt"
+            )
+    elif training_args.eval_strategy != "no":
+        log.warning(
+            "%s: eval_strategy=%s but no eval_data; evaluation disabled", stage, training_args.eval_strategy
+        )
+        training_args.eval_strategy = "no"
+
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    log_path = setup_logging(training_args.output_dir)
+    setup_tracking(training_args.report_to, training_args.output_dir)
+    configs = (data_args, reward_args, training_args, model_args)
+    run = RunInfo(training_args.output_dir, stage, configs, training_args.seed)
+    log.info("%s: output_dir=%s log=%s", stage, training_args.output_dir, log_path)
+    set_seed(training_args.seed)
+    log.info(
+        "%s: %d train prompts, %d eval prompts, rewards %s",
+        stage,
+        len(train_dataset),
+        len(eval_dataset) if eval_dataset else 0,
+        ", ".join(names),
+    )
+
+    quantization_config = get_quantization_config(model_args)
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    reward_funcs, reward_processing = build_reward_funcs(names, reward_args, model_args.dtype)
+    trainer = getattr(trl, trainer_name)(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        reward_processing_classes=reward_processing,
+        peft_config=get_peft_config(model_args),
+        quantization_config=quantization_config,
+        callbacks=[metrics_logging_callback(logging.getLogger(f"pipeline.{stage}.metrics"))],
+    )
+    if quantization_config is not None:
+        keep_bnb_4bit_trainable_on_cpu(trainer.model)
+
+    metrics: dict = {
+        "train_prompts": len(train_dataset),
+        "eval_prompts": len(eval_dataset) if eval_dataset else 0,
+    }
+    try:
+        if eval_dataset is not None:
+            metrics["eval_reward_before"] = trainer.evaluate()["eval_reward"]
+            log.info("mean eval reward before training %.4f", metrics["eval_reward_before"])
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        history = trainer.state.log_history
+        metrics.update(
+            train_loss=result.training_loss,
+            global_step=result.global_step,
+            reward_start=_mean_reward(history, first=True),
+            reward_end=_mean_reward(history, first=False),
+        )
+        log.info(
+            "mean train reward: first logging window %s, last %s",
+            metrics["reward_start"],
+            metrics["reward_end"],
+        )
+        if eval_dataset is not None:
+            metrics["eval_reward"] = trainer.evaluate()["eval_reward"]
+            log.info("mean eval reward after training %.4f", metrics["eval_reward"])
+        save_final_model(trainer, training_args.output_dir)
+    except BaseException:
+        run.finish(metrics, status="failed")
+        raise
+    run.data["log_history"] = trainer.state.log_history
+    run.finish(metrics)
+    log.info("model saved to %s", training_args.output_dir)
+    if hasattr(trainer, "end"):  # transformers >= 5.18 closes trackers / process groups here
+        trainer.end()
+    return {**metrics, "log_history": trainer.state.log_history}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_online_rl("grpo", GRPOConfig, "GRPOTrainer", argv)
