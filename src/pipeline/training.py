@@ -26,6 +26,18 @@ def check_model_dir(path: str | None, key: str = "model_name_or_path") -> str:
     return path
 
 
+def model_init_kwargs(model_args, training_args) -> dict:
+    """How a trainer loads the model from a path: ModelConfig's revision/attention/dtype and the config's
+    trust_remote_code, under whatever `model_init_kwargs` the recipe set itself."""
+    return {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+
+
 def keep_bnb_4bit_trainable_on_cpu(model) -> int:
     """bitsandbytes 0.50 repacks 4-bit weights for fast CPU inference the first time an eval forward runs;
     training steps after that fail ("a view of a leaf Variable ... in-place"). Turn that repacking off.

@@ -49,7 +49,12 @@ from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.errors import PipelineError
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
-from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, save_final_model
+from pipeline.training import (
+    check_model_dir,
+    keep_bnb_4bit_trainable_on_cpu,
+    model_init_kwargs,
+    save_final_model,
+)
 
 # reward name -> dataset columns it reads
 REWARD_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -305,13 +310,7 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
     )
 
     quantization_config = get_quantization_config(model_args)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     reward_funcs, reward_processing = build_reward_funcs(names, reward_args, model_args.dtype)
     trainer = getattr(trl, trainer_name)(
         model=model_args.model_name_or_path,

@@ -33,7 +33,12 @@ from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import FORMATS, load_train_eval, resolve_files
 from pipeline.errors import PipelineError
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
-from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, train_evaluate_save
+from pipeline.training import (
+    check_model_dir,
+    keep_bnb_4bit_trainable_on_cpu,
+    model_init_kwargs,
+    train_evaluate_save,
+)
 
 logger = logging.getLogger("pipeline.rm")
 
@@ -271,13 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.eval_strategy = "no"
 
     quantization_config = get_quantization_config(model_args)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
     trainer = RewardTrainer(
         model=model_args.model_name_or_path,
