@@ -2,6 +2,7 @@
 margin; bad preference files and mismatched logps are refused in one line."""
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -65,6 +66,22 @@ def test_stored_logps_of_another_length_are_refused(tmp_path, tiny_model_dir, pr
                   str(logps), "--output_dir", str(tmp_path / "x"), "--max_steps", "1", *FAST[:-6],
                   "--max_length", "64"])  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_pairs_whose_rows_are_missing_are_refused(tmp_path, tiny_model_dir, prepared_with_logps):
+    import shutil
+
+    data, _ = prepared_with_logps
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    paired = pq.read_table(next((data / "pairs").glob("train-*.parquet"))).column("chosen_uid")[0]
+    for shard in (broken / "rl").glob("train-*.parquet"):  # drop the row of a chosen answer
+        table = pq.read_table(shard)
+        pq.write_table(table.filter(pa.compute.not_equal(table.column("uid"), paired)), shard)
+    with pytest.raises(PipelineError, match="lacks"):
+        dpo.main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(broken), "--output_dir",
+                  str(tmp_path / "out"), *FAST])  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_preference_file_without_chosen_is_refused(tmp_path, tiny_model_dir):

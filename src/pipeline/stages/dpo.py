@@ -102,6 +102,10 @@ def prepared_pairs(args: DPOStageConfig, split: str, tokenizer, logps: dict | No
         columns.update(ref_chosen_logps=[], ref_rejected_logps=[])
     for chosen_uid, rejected_uid in zip(pairs.column("chosen_uid").to_pylist(),
                                         pairs.column("rejected_uid").to_pylist(), strict=True):  # fmt: skip
+        missing = [uid for uid in (chosen_uid, rejected_uid) if uid not in row_of]
+        if missing:
+            raise PipelineError(f"{args.data_path}: pairs/{split} names uid {missing[0]!r}, which its rl/{split} "
+                                "view lacks; re-run `pipeline prepare` into a fresh output_dir")  # fmt: skip
         rows = [row_of[chosen_uid], row_of[rejected_uid]]
         prompt = parse_prompt(prompts[rows[0]])
         chosen, rejected = tokenize_prompt_response(
