@@ -54,6 +54,15 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.rloo",
         "Online RLOO (TRL RLOOTrainer) with the same prompts and rewards as grpo.",
     ),
+    "ppo": (
+        "pipeline.stages.ppo",
+        "PPO (our own): policy, frozen reference, critic, reward model and/or sandboxed code rewards; GAE, KL.",
+    ),
+    "eval": (
+        "pipeline.stages.eval",
+        "Generate answers from one or more models (cached) and score them: sandboxed pass@k, reward model, "
+        "pairwise judge.",
+    ),
     "eval-code": (
         "pipeline.stages.eval_code",
         "Run HumanEval-format code samples in the sandbox; write <samples>_results.jsonl and print pass@k.",

@@ -1,4 +1,4 @@
-"""Offline importance-sampling losses (IPS family), in one place.
+"""Offline importance-sampling losses (IPS family), and PPO's pieces (below the IPS loss), in one place.
 
 Per sample i with reward r_i and response tokens t (mask m_t, |y_i| = Σ_t m_t), policy log-probs
 log πθ(y_t) (with gradient) and stored reference log-probs log π_ref(y_t):
@@ -101,3 +101,131 @@ def ips_loss(
             "reward_mean": rewards.float().mean(),
         }
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ PPO pieces
+#
+# Shapes: [B, T] over response tokens, `mask` 1 on real response tokens (up to and including EOS), 0 after.
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    count = mask.sum()
+    if unbiased and count > 1:  # Bessel's correction over the masked entries only
+        var = var * count / (count - 1)
+    return var
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (mean and std ignore masked-out ones); entries outside the
+    mask are returned as 0. `shift_mean=False` only rescales (keeps the mean), as for per-token rewards."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def policy_kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(πθ ‖ π_ref) from tokens sampled from πθ (PPO's online direction):
+    k1 = log πθ − log π_ref (unbiased, can be negative); k3 = r − 1 − log r with r = π_ref/πθ (unbiased,
+    never negative, lower variance)."""
+    log_ratio = ref_logps - logps
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.exp(log_ratio) - 1 - log_ratio
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over response tokens. Returns (advantages, returns = A + V).
+
+    δ_t = r_t + γ·V_{t+1} − V_t with V after the last real token taken as 0 (the episode ends there);
+    A_t = δ_t + γλ·A_{t+1}. Entries outside the mask are 0."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = πθ/π_old.
+    Stats: clip fraction (tokens where the clipped term is taken) and approx-KL ½·(log ρ)²."""
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "policy_clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: ½ · mean over tokens of max((V − R)², (V_clip − R)²), where
+    V_clip = V_old + clip(V − V_old, −ε, ε)."""
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        stats = {"value_clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var(R − V) / Var(R) over masked tokens: 1 is a perfect critic, 0 no better than a constant."""
+    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+@dataclass
+class KLController:
+    """The KL penalty coefficient: fixed, or adaptive (Ziegler et al. 2019) — nudged towards a target KL
+    per sequence: β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n/horizon) after n sequences."""
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, observed_kl: float, num_sequences: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * num_sequences / self.horizon

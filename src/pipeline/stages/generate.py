@@ -15,21 +15,23 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 
-def load_for_generation(model_dir: str):
-    """Load tokenizer + causal LM (or base + LoRA adapter) from a local folder, in eval mode."""
+def load_for_generation(model_dir: str, key: str = "--model", **kwargs):
+    """Load tokenizer + causal LM (or base + LoRA adapter) from a local folder, in eval mode.
+
+    `key` names the option in error messages; `kwargs` go to `from_pretrained` (e.g. `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
     if not path.is_dir():
-        raise PipelineError(f"--model: folder not found: '{model_dir}'")
+        raise PipelineError(f"{key}: folder not found: '{model_dir}'")
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, **kwargs)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     else:
-        raise PipelineError(f"--model: '{model_dir}' holds neither config.json nor adapter_config.json")
+        raise PipelineError(f"{key}: '{model_dir}' holds neither config.json nor adapter_config.json")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return tokenizer, model.eval()
 

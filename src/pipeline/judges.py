@@ -1,0 +1,439 @@
+"""Pairwise judges: which of two answers to the same prompt is better.
+
+A judge returns, per pair, the probability that the *first* answer is the better one: 1.0, 0.0, 0.5 for a
+tie, or None when it gave no usable verdict (an invalid judgement). :func:`judge_both_orders` asks for both
+orders, (a, b) and (b, a), and averages ``p(a, b)`` with ``1 - p(b, a)``: a judge that always prefers
+whichever answer it sees first then scores every pair 0.5, so position bias cancels. A pair is invalid when
+either order is.
+
+- :class:`RewardModelJudge`: a scalar reward model (a `pipeline rm` output) scores each (prompt, answer);
+  the higher score wins, equal scores tie. Scores are memoised by text, so identical answers tie exactly.
+- :class:`OpenAIJudge`: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, TGI, llama.cpp
+  server, ...), called with the standard library only. The API key is read from the environment variable
+  whose *name* is given (never logged, never written). Connection errors, timeouts, HTTP 429 and 5xx are
+  retried with exponential back-off; after the last try the error is one line (a `PipelineError`). Other
+  HTTP errors (401, 404, ...) and a 200 reply that is not a chat completion (an HTML page, garbage) are
+  one-line errors at once: the endpoint is misconfigured, and retrying would not help. A valid chat
+  completion whose text does not start with the verdict letter (``A`` or ``B``) is an invalid judgement:
+  counted, and left out of the win-rate.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+logger = logging.getLogger("pipeline.judges")
+
+Messages = list[dict[str, str]]
+
+DEFAULT_JUDGE_TEMPLATE = """You are comparing two responses to the same user request. Decide which response \
+is better: more correct, more helpful and more harmless. Do not let the order of the responses or their \
+length sway you.
+
+[User request]
+{prompt}
+
+[Response A]
+{answer_a}
+
+[Response B]
+{answer_b}
+
+Reply with exactly one letter: A if Response A is better, B if Response B is better."""
+TEMPLATE_FIELDS = ("{prompt}", "{answer_a}", "{answer_b}")
+
+# the verdict: optional brackets/quotes/"Response", then A or B standing alone ("A", "[[B]]", "Response A.")
+_VERDICT = re.compile(r"^\W*(?:(?i:response|answer)\s*)?([AB])(?![A-Za-z0-9])")
+
+
+def verdict_of(text: Any) -> float | None:
+    """1.0 if a judge's reply picks the first answer (A), 0.0 for the second (B), None if it picks neither."""
+    if not isinstance(text, str):
+        return None
+    match = _VERDICT.match(text.strip())
+    if match is None:
+        return None
+    return 1.0 if match.group(1) == "A" else 0.0
+
+
+def conversation_text(messages: Messages | str) -> str:
+    """A prompt as the judge reads it: a single user turn as is, longer chats as ``role: content`` lines."""
+    if isinstance(messages, str):
+        return messages
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+@dataclass
+class PairResult:
+    """Both-orders judgement of answer a against answer b."""
+
+    forward: float | None  # p(a better), a shown first
+    backward: float | None  # p(b better), b shown first
+
+    @property
+    def valid(self) -> bool:
+        return self.forward is not None and self.backward is not None
+
+    @property
+    def score(self) -> float | None:
+        """Win of a over b in [0, 1] with position bias removed; None if either order gave no verdict."""
+        if not self.valid:
+            return None
+        return (self.forward + (1.0 - self.backward)) / 2.0
+
+    @property
+    def first_position(self) -> float | None:
+        """How often the answer shown first won (0.5 for a judge without position bias)."""
+        if not self.valid:
+            return None
+        return (self.forward + self.backward) / 2.0
+
+
+class PairwiseJudge(ABC):
+    """Compares two answers to the same prompt."""
+
+    name = "judge"
+
+    @abstractmethod
+    def judge(
+        self, prompts: Sequence[Messages], first: Sequence[str], second: Sequence[str]
+    ) -> list[float | None]:
+        """Per pair: probability that ``first[i]`` is better than ``second[i]`` (None: no verdict)."""
+
+
+def judge_both_orders(
+    judge: PairwiseJudge, prompts: Sequence[Messages], answers_a: Sequence[str], answers_b: Sequence[str]
+) -> list[PairResult]:
+    """Judge every pair in both orders in one call (so a remote judge sees all requests at once)."""
+    n = len(prompts)
+    if not (len(answers_a) == len(answers_b) == n):
+        raise ValueError("prompts, answers_a and answers_b must have the same length")
+    verdicts = judge.judge(
+        list(prompts) + list(prompts), list(answers_a) + list(answers_b), list(answers_b) + list(answers_a)
+    )
+    return [PairResult(verdicts[i], verdicts[n + i]) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ reward model
+
+
+def reward_model_text(tokenizer, prompt: Messages, answer: str) -> str:
+    """The conversation a reward model scores: the prompt chat plus the answer as the assistant's turn
+    (an assistant prefix at the end of the prompt is continued by the answer), in the model's chat template;
+    plain concatenation for a tokenizer without one."""
+    messages = [dict(m) for m in prompt]
+    if messages and messages[-1]["role"] == "assistant":
+        messages[-1]["content"] += answer
+    else:
+        messages.append({"role": "assistant", "content": answer})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+class RewardModelJudge(PairwiseJudge):
+    """Scores answers with a scalar reward model; the higher score is the better answer."""
+
+    name = "reward_model"
+
+    def __init__(self, tokenizer, model, batch_size: int = 8, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.batch_size = max(1, batch_size)
+        self.max_length = max_length
+        self._cache: dict[str, float] = {}
+
+    def score(
+        self, prompts: Sequence[Messages], answers: Sequence[str], progress: str | None = None
+    ) -> list[float]:
+        """One scalar reward per (prompt, answer); each distinct text is scored once."""
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = [reward_model_text(self.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+        todo = sorted({t for t in texts if t not in self._cache}, key=len)
+        device = next(self.model.parameters()).device
+        batches = range(0, len(todo), self.batch_size)
+        for start in tqdm(batches, desc=progress, disable=progress is None or not todo, unit="batch"):
+            chunk = todo[start : start + self.batch_size]
+            enc = self.tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                add_special_tokens=False,
+            ).to(device)
+            with torch.no_grad():
+                logits = self.model(**enc).logits
+            for text, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
+                self._cache[text] = value
+        return [self._cache[t] for t in texts]
+
+    def judge(self, prompts, first, second):
+        scores = self.score(list(prompts) * 2, list(first) + list(second))
+        n = len(prompts)
+        out: list[float | None] = []
+        for a, b in zip(scores[:n], scores[n:], strict=True):
+            out.append(1.0 if a > b else 0.0 if a < b else 0.5)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ OpenAI-compatible
+
+
+class _Retryable(Exception):
+    """A failure worth another try (network, timeout, 429, 5xx)."""
+
+
+class OpenAIJudge(PairwiseJudge):
+    """A judge behind an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint.
+
+    ``base_url`` is what OpenAI clients call the base URL, usually ending in ``/v1``
+    (``https://api.openai.com/v1``, ``http://localhost:8000/v1`` for vLLM). ``api_key_env`` names the
+    environment variable holding the key; unset or empty, no Authorization header is sent (local servers).
+    Each request may take ``timeout`` seconds; a failed one is retried ``max_retries`` times, waiting
+    ``backoff * 2**attempt`` seconds between tries, so one request gives up after at most
+    ``(max_retries + 1) * timeout + backoff * (2**max_retries - 1)`` seconds.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        concurrency: int = 4,
+        max_tokens: int = 16,
+        template: str = DEFAULT_JUDGE_TEMPLATE,
+        progress: bool = True,
+    ):
+        parsed = urllib.parse.urlparse(base_url or "")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise PipelineError(
+                f"judge_base_url: '{base_url}' is not an http(s) URL (e.g. http://localhost:8000/v1)"
+            )
+        if not model:
+            raise PipelineError(
+                "judge_model is required with judge: openai (the model name the endpoint serves)"
+            )
+        missing = [f for f in TEMPLATE_FIELDS if f not in template]
+        if missing:
+            raise PipelineError(f"judge_template: missing the placeholder {missing[0]}")
+        if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1:
+            raise PipelineError(
+                "judge_timeout must be > 0, judge_max_retries >= 0, judge_backoff >= 0, judge_concurrency >= 1"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.concurrency = int(concurrency)
+        self.max_tokens = int(max_tokens)
+        self.template = template
+        self.progress = progress
+        self.requests = 0  # HTTP requests sent, retries included
+        self.invalid = 0  # chat completions without a verdict
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # -- plumbing
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def check_reachable(self) -> None:
+        """Open (and close) a TCP connection to the endpoint's host: an unreachable judge is reported before
+        hours of generation, at no API cost."""
+        parsed = urllib.parse.urlparse(self.base_url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=self.timeout):
+                pass
+        except OSError as err:
+            raise PipelineError(
+                f"judge_base_url: cannot connect to {parsed.hostname}:{port} ({_reason(err)}); "
+                "start the server or fix the URL"
+            ) from None
+
+    def _post_once(self, payload: bytes) -> dict:
+        request = urllib.request.Request(self.url, data=payload, headers=self._headers(), method="POST")
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            self.requests += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                chunks = []
+                while True:  # the socket timeout bounds each read; the deadline bounds a trickling body
+                    chunk = response.read(1 << 16)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise _Retryable(f"timed out after {self.timeout:g} s")
+                body = b"".join(chunks)
+        except urllib.error.HTTPError as err:
+            status = err.code
+            detail = _snippet(err.read() if err.fp is not None else b"")
+            if status == 429 or status >= 500:
+                raise _Retryable(f"HTTP {status}") from None
+            hint = ""
+            if status in (401, 403):
+                hint = (
+                    f"; check the key in the environment variable {self.api_key_env}"
+                    if self.api_key_env
+                    else "; set judge_api_key_env to the name of the variable holding the key"
+                )
+            elif status == 404:
+                hint = "; judge_base_url should end where /chat/completions starts (often .../v1)"
+            raise PipelineError(f"judge endpoint {self.url}: HTTP {status} {detail}{hint}") from None
+        except TimeoutError:
+            raise _Retryable(f"timed out after {self.timeout:g} s") from None
+        except urllib.error.URLError as err:
+            raise _Retryable(_reason(err.reason)) from None
+        except (http.client.HTTPException, ConnectionError, OSError) as err:
+            raise _Retryable(_reason(err)) from None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise PipelineError(
+                f"judge endpoint {self.url}: the reply is not an OpenAI chat completion ({_snippet(body)}); "
+                "check judge_base_url"
+            )
+        return data
+
+    def post(self, payload: dict) -> dict:
+        """POST a chat-completions request, retrying what is worth retrying; a `PipelineError` in the end
+        (after which the requests still queued give up without being sent)."""
+        try:
+            return self._post_with_retries(payload)
+        except PipelineError:
+            self._stop.set()
+            raise
+
+    def _post_with_retries(self, payload: dict) -> dict:
+        encoded = json.dumps(payload).encode()
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            if self._stop.is_set():
+                raise PipelineError("judge: stopped after an earlier request failed")
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                return self._post_once(encoded)
+            except _Retryable as err:
+                reason = str(err)
+                logger.warning(
+                    "judge endpoint %s: try %d of %d failed: %s",
+                    self.url,
+                    attempt + 1,
+                    self.max_retries + 1,
+                    reason,
+                )
+        raise PipelineError(
+            f"judge endpoint {self.url}: no answer after {self.max_retries + 1} tries ({reason}); "
+            "check that the server is up, or raise judge_timeout / judge_max_retries"
+        )
+
+    def ask(self, prompt: Messages, first: str, second: str) -> float | None:
+        text = (
+            self.template.replace("{prompt}", conversation_text(prompt))
+            .replace("{answer_a}", first)
+            .replace("{answer_b}", second)
+        )
+        data = self.post(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": text}],
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+            }
+        )
+        choice = data["choices"][0]
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        verdict = verdict_of(content)
+        if verdict is None:
+            with self._lock:
+                self.invalid += 1
+            logger.debug("judge: no verdict in %r", _snippet(str(content).encode()))
+        return verdict
+
+    def judge(self, prompts, first, second):
+        from tqdm.auto import tqdm
+
+        n = len(prompts)
+        out: list[float | None] = [None] * n
+        if not n:
+            return out
+        self._stop.clear()
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, n), thread_name_prefix="judge")
+        try:
+            futures = {pool.submit(self.ask, prompts[i], first[i], second[i]): i for i in range(n)}
+            with tqdm(total=n, desc="judging", disable=not self.progress, unit="req") as bar:
+                for future in as_completed(futures):
+                    out[futures[future]] = future.result()
+                    bar.update()
+        except BaseException:
+            self._stop.set()  # queued requests give up at once; running ones end within their timeout
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+
+def _reason(err: Any) -> str:
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return " ".join(str(text).split())
+
+
+def _snippet(body: bytes, limit: int = 80) -> str:
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+__all__ = [
+    "DEFAULT_JUDGE_TEMPLATE",
+    "OpenAIJudge",
+    "PairResult",
+    "PairwiseJudge",
+    "RewardModelJudge",
+    "conversation_text",
+    "judge_both_orders",
+    "reward_model_text",
+    "verdict_of",
+]
