@@ -136,20 +136,6 @@ def judge_both_orders(
 # ------------------------------------------------------------------------------------------ reward model
 
 
-def reward_model_text(tokenizer, prompt: Messages, answer: str) -> str:
-    """The conversation a reward model scores: the prompt chat plus the answer as the assistant's turn
-    (an assistant prefix at the end of the prompt is continued by the answer), in the model's chat template;
-    plain concatenation for a tokenizer without one."""
-    messages = [dict(m) for m in prompt]
-    if messages and messages[-1]["role"] == "assistant":
-        messages[-1]["content"] += answer
-    else:
-        messages.append({"role": "assistant", "content": answer})
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return "\n\n".join(m["content"] for m in messages)
-
-
 class RewardModelJudge(PairwiseJudge):
     """Scores answers with a scalar reward model; the higher score is the better answer."""
 
@@ -160,34 +146,39 @@ class RewardModelJudge(PairwiseJudge):
         self.model = model
         self.batch_size = max(1, batch_size)
         self.max_length = max_length
-        self._cache: dict[str, float] = {}
+        self._cache: dict[tuple[int, ...], float] = {}
 
     def score(
         self, prompts: Sequence[Messages], answers: Sequence[str], progress: str | None = None
     ) -> list[float]:
-        """One scalar reward per (prompt, answer); each distinct text is scored once."""
+        """One scalar reward per (prompt, answer); each distinct input is scored once."""
         import torch
         from tqdm.auto import tqdm
 
-        texts = [reward_model_text(self.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
-        todo = sorted({t for t in texts if t not in self._cache}, key=len)
+        from pipeline.tokenization import PromptError, reward_model_input_ids
+
+        try:
+            inputs = [
+                tuple(reward_model_input_ids(self.tokenizer, p, a))
+                for p, a in zip(prompts, answers, strict=True)
+            ]
+        except PromptError as err:
+            raise PipelineError(f"reward_model_path: {err}") from None
+        if self.max_length is not None:
+            inputs = [ids[: self.max_length] for ids in inputs]
+        todo = sorted({ids for ids in inputs if ids not in self._cache}, key=len)
         device = next(self.model.parameters()).device
         batches = range(0, len(todo), self.batch_size)
         for start in tqdm(batches, desc=progress, disable=progress is None or not todo, unit="batch"):
             chunk = todo[start : start + self.batch_size]
-            enc = self.tokenizer(
-                chunk,
-                return_tensors="pt",
-                padding=True,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                add_special_tokens=False,
+            enc = self.tokenizer.pad(
+                {"input_ids": [list(ids) for ids in chunk]}, return_tensors="pt", padding_side="right"
             ).to(device)
             with torch.no_grad():
                 logits = self.model(**enc).logits
-            for text, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
-                self._cache[text] = value
-        return [self._cache[t] for t in texts]
+            for ids, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
+                self._cache[ids] = value
+        return [self._cache[ids] for ids in inputs]
 
     def judge(self, prompts, first, second):
         scores = self.score(list(prompts) * 2, list(first) + list(second))
@@ -434,6 +425,5 @@ __all__ = [
     "RewardModelJudge",
     "conversation_text",
     "judge_both_orders",
-    "reward_model_text",
     "verdict_of",
 ]

@@ -116,3 +116,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     digest.update((tokenizer.chat_template or "").encode())
     return digest.hexdigest()[:16]
+
+
+def reward_model_input_ids(tokenizer, prompt: list[dict[str, str]] | str, answer: str) -> list[int]:
+    """The token ids a reward model scores for (prompt, answer), built as TRL's RewardTrainer built its
+    training pairs: a chat prompt plus the answer as the assistant turn through the reward model's own chat
+    template (an assistant prefix ending the prompt is continued by the answer), or a text prompt + answer +
+    eos. Every stage that asks a reward model for a score (ppo, grpo's judge, eval) goes through here, so a
+    reward model with another tokenizer than the policy's is always fed its own tokens."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt + answer + (tokenizer.eos_token or ""))["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError("the reward model's tokenizer has no chat template, but the prompts are chats")
+    messages = [dict(m) for m in prompt]
+    if messages and messages[-1]["role"] == "assistant":
+        messages[-1]["content"] += answer
+    else:
+        messages.append({"role": "assistant", "content": answer})
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])

@@ -69,6 +69,7 @@ from pipeline.losses import (
 )
 from pipeline.runinfo import RunInfo, setup_logging, setup_tracking
 from pipeline.stages.grpo import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
+from pipeline.tokenization import PromptError, reward_model_input_ids
 from pipeline.training import check_model_dir
 
 log = logging.getLogger("pipeline.ppo")
@@ -308,19 +309,6 @@ def response_logps(logits, responses, query_width: int, temperature: float):
     return selective_log_softmax(logits, responses), logits
 
 
-def reward_model_inputs(tokenizer, prompt, text: str) -> list[int]:
-    """Token ids a reward model reads for (prompt, response text), built the way TRL's RewardTrainer built
-    its training pairs: chat template over prompt + assistant turn, or plain text + EOS."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt + text + (tokenizer.eos_token or ""))["input_ids"]
-    if not tokenizer.chat_template:
-        raise PipelineError(
-            "reward_model_path: its tokenizer has no chat template, but the prompts are chats"
-        )
-    messages = [*prompt, {"role": "assistant", "content": text}]
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-
-
 @torch.no_grad()
 def score_responses(
     reward_funcs, reward_tokenizers, rows: list[dict], texts: list[str], device
@@ -329,9 +317,13 @@ def score_responses(
     total = torch.zeros(len(texts), device=device)
     for func, rm_tokenizer in zip(reward_funcs, reward_tokenizers, strict=True):
         if rm_tokenizer is not None:  # a reward model, scored on its own tokenization of the text
-            ids = [
-                reward_model_inputs(rm_tokenizer, r["prompt"], t) for r, t in zip(rows, texts, strict=True)
-            ]
+            try:
+                ids = [
+                    reward_model_input_ids(rm_tokenizer, r["prompt"], t)
+                    for r, t in zip(rows, texts, strict=True)
+                ]
+            except PromptError as err:
+                raise PipelineError(f"reward_model_path: {err}") from None
             batch = rm_tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="right").to(device)
             scores = func(**batch).logits[:, 0].float()
         else:
