@@ -20,17 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/pipeline tiny-model --output_dir runs/demo/tiny-model --hidden_size 128 --num_layers 4 --intermediate_size 512
-	$(BIN)/pipeline synthetic-data --output_dir runs/demo/data --num_problems 520 --responses_per_problem 2
-	$(BIN)/pipeline sft --config recipes/demo/sft.yaml
-	$(BIN)/pipeline generate --model runs/demo/sft --prompts_from runs/demo/data/sft_eval.parquet --num_prompts 3
-	$(BIN)/pipeline prepare --data_path runs/demo/data/coderl_train.parquet --output_dir runs/demo/prepared \
-	    --tokenizer_name_or_path runs/demo/sft --max_length 256 --eval_fraction 0 --overwrite true
-	rm -rf runs/demo/prepared_ref_logp
-	$(BIN)/pipeline logp --data_path runs/demo/prepared --model_name_or_path runs/demo/sft --max_length 256 --splits train
-	$(BIN)/pipeline ips --config recipes/demo/ips.yaml
-	$(BIN)/pipeline generate --model runs/demo/sft --synthetic_pass_rate 520
-	$(BIN)/pipeline generate --model runs/demo/ips --synthetic_pass_rate 520
+	$(BIN)/pipeline demo --output_dir runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -63,6 +63,23 @@ STAGES: dict[str, tuple[str, str]] = {
         "Generate answers from one or more models (cached) and score them: sandboxed pass@k, reward model, "
         "pairwise judge.",
     ),
+    "run": (
+        "pipeline.stages.run",
+        "Chain stages from a pipeline YAML (skip what is complete, rerun what changed), sweep seeds x sizes.",
+    ),
+    "subset": (
+        "pipeline.stages.subset",
+        "A training subset of N rows for size sweeps: prompt-matched (prefixes) or size-matched (same prompts).",
+    ),
+    "report": (
+        "pipeline.stages.report",
+        "Collect run.json metrics under run folders into runs.csv, PNG figures (mean ± 95% CI), a booktabs table "
+        "and summary.md.",
+    ),
+    "demo": (
+        "pipeline.stages.demo",
+        "The offline demo: tiny model + synthetic task through SFT, IPS, DPO, RM, PPO, eval and report (CPU).",
+    ),
     "eval-code": (
         "pipeline.stages.eval_code",
         "Run HumanEval-format code samples in the sandbox; write <samples>_results.jsonl and print pass@k.",

@@ -1,7 +1,7 @@
 """DPO stage: a thin wrapper around TRL's `DPOTrainer`, with the reference taken from our logp stage if asked.
 
     pipeline dpo --config recipes/demo/dpo.yaml [--loss_type sigmoid,sft --beta 0.1 ...]
-    pipeline dpo --config recipes/demo/dpo.yaml --data_path runs/demo/prepared --ref_logps_dir runs/demo/prepared_ref_logp
+    pipeline dpo --config recipes/demo/dpo.yaml --data_path runs/demo/prepare --ref_logps_dir runs/demo/logp
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml -m pipeline.cli dpo --config ...
 
 Data: `train_data`/`eval_data` preference files (`prompt`/`chosen`/`rejected`, chat lists or text; TRL

@@ -1,0 +1,208 @@
+"""`pipeline run` (skip/rerun logic, references, sweeps) and `pipeline subset` (prompt- and size-matched).
+
+The runner's logic is tested with a stand-in for the stages (it records each call and writes an output),
+so these tests take a second; the demo test (tests/test_demo.py) runs the real stages through it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.cli
+from pipeline.errors import PipelineError
+from pipeline.stages import run, subset
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Replace stage execution: record (stage, argv) and write the stage's output_dir like a real stage."""
+    made: list[tuple[str, list[str]]] = []
+    fail: set[str] = set()
+
+    def fake_run_stage(stage, argv):
+        out = argv[argv.index("--output_dir") + 1]
+        made.append((stage, argv))
+        from pathlib import Path
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "partial.txt").write_text("started")
+        (Path(out) / "run.json").write_text(json.dumps({"status": "running"}))  # as real stages do at start
+        if any(f"/{name}" in out for name in fail):
+            raise RuntimeError(f"{stage} died")
+        (Path(out) / "run.json").write_text(json.dumps({"status": "completed", "metrics": {}}))
+
+    monkeypatch.setattr(pipeline.cli, "run_stage", fake_run_stage)
+    return made, fail
+
+
+def write_pipeline(path, stages_yaml: str, extra: str = "") -> str:
+    path.write_text(f"output_dir: {path.parent / 'out'}\n{extra}stages:\n{stages_yaml}")
+    return str(path)
+
+
+STAGES = """\
+  - {name: a, stage: sft, recipe: a.yaml, args: {max_steps: 1}}
+  - {name: b, stage: dpo, args: {model_name_or_path: "${a.output_dir}", beta: 0.1}}
+  - {name: c, stage: rm, args: {max_steps: 3}}
+  - {name: d, stage: eval, args: {models: ["${b.output_dir}", "${a.output_dir}"]}}
+"""
+
+
+def ran(calls_list) -> list[str]:
+    return [argv[argv.index("--output_dir") + 1].rsplit("/", 1)[1] for _, argv in calls_list]
+
+
+def test_skip_and_rerun_only_what_changed(tmp_path, calls):
+    made, _ = calls
+    (tmp_path / "a.yaml").write_text("learning_rate: 1.0e-3\n")
+    spec = write_pipeline(tmp_path / "p.yaml", STAGES)
+    run.main([spec])
+    assert ran(made) == ["a", "b", "c", "d"]
+    # references resolve to the referenced stage's output folder, lists keep their order
+    b_argv = made[1][1]
+    assert b_argv[b_argv.index("--model_name_or_path") + 1] == str(tmp_path / "out" / "a")
+    d_argv = made[3][1]
+    assert d_argv[d_argv.index("--models") + 1 : d_argv.index("--models") + 3] == [
+        str(tmp_path / "out" / "b"), str(tmp_path / "out" / "a")]  # fmt: skip
+    assert made[0][1][:2] == ["--config", str((tmp_path / "a.yaml").resolve())]
+
+    made.clear()
+    run.main([spec])
+    assert made == []  # everything complete, nothing changed
+
+    # touching b's config reruns b and its dependant d only
+    write_pipeline(tmp_path / "p.yaml", STAGES.replace("beta: 0.1", "beta: 0.2"))
+    run.main([spec])
+    assert ran(made) == ["b", "d"]
+
+    # a recipe file's content counts too: a, and through it b and d, rerun; c does not
+    made.clear()
+    (tmp_path / "a.yaml").write_text("learning_rate: 2.0e-3\n")
+    run.main([spec])
+    assert ran(made) == ["a", "b", "d"]
+
+    made.clear()
+    run.main([spec, "--from", "c"])
+    assert ran(made) == ["c", "d"]
+    info = json.loads((tmp_path / "out" / "pipeline_run.json").read_text())
+    assert [r["action"] for r in info["points"]["0"]] == ["skip", "skip", "ran", "ran"]
+
+
+def test_a_failed_stage_reruns_into_its_output_and_dry_run_runs_nothing(tmp_path, calls, capsys):
+    made, fail = calls
+    (tmp_path / "a.yaml").write_text("{}\n")
+    spec = write_pipeline(tmp_path / "p.yaml", STAGES)
+    fail.add("b")
+    with pytest.raises(RuntimeError, match="dpo died"):
+        run.main([spec])
+    assert ran(made) == ["a", "b"]
+    fail.clear()
+    made.clear()
+    run.main([spec, "--dry_run"])
+    assert made == []
+    plan = capsys.readouterr().out
+    assert "[a] skip: complete, config unchanged" in plan and "[b] run: incomplete" in plan
+    assert "pipeline dpo --model_name_or_path" in plan
+    run.main([spec])
+    assert ran(made) == ["b", "c", "d"]
+    # the interrupted stage's output was kept (a resuming stage finds its checkpoints there)
+    assert (tmp_path / "out" / "b" / "partial.txt").is_file()
+
+
+def test_sweep_points_shared_stages_and_index(tmp_path, calls, capsys):
+    made, _ = calls
+    stages = """\
+  - {name: data, stage: subset, shared: true, args: {size: 10}}
+  - {name: train, stage: dpo, args: {max_train_samples: "${train_size}", seed: "${seed}", data: "${data.output_dir}"}}
+"""
+    spec = write_pipeline(
+        tmp_path / "p.yaml", stages, "sweep:\n  train_size: [100, 200]\n  seed: [0, 1, 2]\n"
+    )
+    run.main([spec, "--list"])
+    listing = capsys.readouterr().out.strip().splitlines()
+    assert len(listing) == 6 and listing[1].endswith("train_size=100,seed=1")
+    run.main([spec, "--index", "4"])
+    assert [s for s, _ in made] == ["subset", "dpo"]
+    argv = made[1][1]
+    assert argv[argv.index("--max_train_samples") + 1] == "200" and argv[argv.index("--seed") + 1] == "1"
+    assert argv[argv.index("--output_dir") + 1] == str(tmp_path / "out" / "train_size=200,seed=1" / "train")
+    made.clear()
+    run.main([spec])
+    assert [s for s, _ in made] == ["dpo"] * 5  # the shared stage ran once, for all points
+    with pytest.raises(PipelineError, match="sweep has 6 points"):
+        run.main([spec, "--index", "6"])
+
+
+def test_vars_and_bad_pipeline_files(tmp_path, calls):
+    made, _ = calls
+    spec = write_pipeline(tmp_path / "p.yaml", '  - {name: a, stage: sft, args: {max_steps: "${steps}"}}\n',
+                          "vars:\n  steps: 5\n")  # fmt: skip
+    run.main([spec, "--set", "steps=7"])
+    assert made[0][1][made[0][1].index("--max_steps") + 1] == "7"
+    with pytest.raises(PipelineError, match="--set nope: not a variable"):
+        run.main([spec, "--set", "nope=1"])
+    bad = {
+        "  - {name: a, stage: sfx}\n": "unknown stage 'sfx'",
+        '  - {name: a, stage: sft, args: {x: "${b.output_dir}"}}\n  - {name: b, stage: sft}\n': "runs after it",
+        '  - {name: a, stage: sft, args: {x: "${zzz}"}}\n': "no stage name or sweep field",
+        "  - {name: a, stage: sft}\n  - {name: a, stage: dpo}\n": "used twice",
+        "  - {name: a, stage: sft, recipe: missing.yaml}\n": "recipe file not found",
+        "  - {name: a, stage: sft, typo: 1}\n": "unknown key 'typo'",
+    }
+    for stages, message in bad.items():
+        with pytest.raises(PipelineError, match=message):
+            run.main([write_pipeline(tmp_path / "bad.yaml", stages)])
+
+
+# ------------------------------------------------------------------------------------------------ subset
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    """20 prompts with 1 to 4 rows each (50 rows), in a scrambled order."""
+    rows = [{"prompt": [{"role": "user", "content": f"task {p}"}], "chosen": f"c{p}.{r}", "rejected": "x"}
+            for p in range(20) for r in range(1 + p % 4)]  # fmt: skip
+    rows = rows[::2] + rows[1::2]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def subset_rows(pairs_file, tmp_path, size, mode="prefix", extra=()):
+    out = tmp_path / f"{mode}-{size}"
+    subset.main(["--data", pairs_file, "--size", str(size), "--mode", mode, "--output_dir", str(out), *extra])
+    return pq.read_table(out / "train.parquet").to_pylist()
+
+
+def test_prompt_matched_subsets_are_prefixes(tmp_path, pairs_file):
+    small, large = subset_rows(pairs_file, tmp_path, 10), subset_rows(pairs_file, tmp_path, 30)
+    assert len(small) == 10 and len(large) == 30
+    assert large[:10] == small  # a smaller size is a prefix of a larger one
+    prompts = [r["prompt"][0]["content"] for r in large]
+    # each prompt's rows are contiguous, so a size adds whole prompts (the last one possibly cut)
+    firsts = [prompts.index(p) for p in dict.fromkeys(prompts)]
+    assert all(
+        prompts[i : i + prompts.count(p)] == [p] * prompts.count(p)
+        for p, i in zip(dict.fromkeys(prompts), firsts, strict=True)
+    )
+    assert subset_rows(pairs_file, tmp_path / "again", 10) == small  # the run seed plays no part
+
+
+def test_size_matched_subsets_share_their_prompts(tmp_path, pairs_file):
+    extra = ("--num_prompts", "8")
+    sizes = {n: subset_rows(pairs_file, tmp_path, n, "same_prompts", extra) for n in (8, 12, 16)}
+    prompt_sets = {n: {r["prompt"][0]["content"] for r in rows} for n, rows in sizes.items()}
+    assert prompt_sets[8] == prompt_sets[12] == prompt_sets[16] and len(prompt_sets[8]) == 8
+    assert sizes[16][:12] == sizes[12]  # topped up: the same rows plus more responses to the same prompts
+    manifest = json.loads((tmp_path / "same_prompts-16" / "manifest.json").read_text())
+    assert manifest["num_prompts"] == 8 and manifest["rows_in"] == 50
+    with pytest.raises(PipelineError, match="first 8 prompts have only"):
+        subset_rows(pairs_file, tmp_path, 40, "same_prompts", extra)
+    with pytest.raises(PipelineError, match="needs --num_prompts"):
+        subset_rows(pairs_file, tmp_path, 4, "same_prompts")
+    with pytest.raises(PipelineError, match="only 50 rows"):
+        subset_rows(pairs_file, tmp_path, 51)
