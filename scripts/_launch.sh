@@ -2,26 +2,80 @@
 #   gpu          processes per node (default: GPUs visible, 0 on a CPU machine)
 #   WORKER_NUM   nodes (default 1); NODE_RANK, MASTER_ADDR, MASTER_PORT for multi-node
 #   NUM_GPUS     GPUs per node, used for the world size when set (else $gpu)
+#   ds           the distributed setup, by name (files in accelerate_configs/ and deepspeed_configs/):
+#                  zero2          DeepSpeed ZeRO-2     accelerate_configs/deepspeed_zero2.yaml + deepspeed_configs/zero2.json
+#                  zero3          DeepSpeed ZeRO-3     accelerate_configs/deepspeed_zero3.yaml + deepspeed_configs/zero3.json
+#                  zero3_offload  ZeRO-3, optimizer and parameters in CPU memory
+#                                 accelerate_configs/deepspeed_zero3_offload.yaml + deepspeed_configs/zero3_offload.json
+#                  fsdp2          PyTorch FSDP2        accelerate_configs/fsdp2.yaml
+#                  ddp            plain DDP (also: multi_gpu, none)   --multi_gpu, or accelerate_configs/multi_gpu.yaml
+#                  single_gpu     one process on one GPU              accelerate_configs/single_gpu.yaml
+#                  multi_node     accelerate_configs/multi_node.yaml (ZeRO-2); any name above also spans nodes
+#                  PATH.json      your own DeepSpeed config;  PATH.yaml  your own accelerate config
+#                (deepspeed_zero2 etc., the accelerate file names, work too). Config files are passed by
+#                absolute path, so the scripts run from any directory.
 #   dryrun=1     print the command instead of running it
-# On a machine with no GPU the launch falls back to one CPU process, so the same command runs a small trial.
+# With WORKER_NUM > 1 every node runs the same command; --num_machines, --machine_rank $NODE_RANK,
+# --main_process_ip $MASTER_ADDR and --main_process_port $MASTER_PORT are added (and DeepSpeed starts its
+# local processes itself: --deepspeed_multinode_launcher standard, no pdsh/ssh).
+# On a machine with no GPU the launch falls back to one CPU process (ds is checked, then not used), so the
+# same command runs a small trial.
+LAUNCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DS_NAMES="zero2 zero3 zero3_offload fsdp2 ddp single_gpu multi_node"
+
 detect_gpus() {
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; else echo 0; fi
 }
 
+# ds_flags NAME: sets DS_FLAGS (accelerate flags choosing the setup) and DS_KIND (ddp | single | deepspeed | config)
+ds_flags() {
+  local name=$1 acc=$LAUNCH_ROOT/accelerate_configs dsc=$LAUNCH_ROOT/deepspeed_configs
+  DS_FLAGS=()
+  case "$name" in
+    ddp | multi_gpu | none | "") DS_KIND=ddp ;;
+    single_gpu | single) DS_KIND=single; DS_FLAGS=(--config_file "$acc/single_gpu.yaml") ;;
+    zero2 | deepspeed_zero2 | zero3 | deepspeed_zero3 | zero3_offload | deepspeed_zero3_offload)
+      name=${name#deepspeed_}
+      DS_KIND=config
+      DS_FLAGS=(--config_file "$acc/deepspeed_$name.yaml" --deepspeed_config_file "$dsc/$name.json") ;;
+    fsdp2 | fsdp) DS_KIND=config; DS_FLAGS=(--config_file "$acc/fsdp2.yaml") ;;
+    multi_node) DS_KIND=config; DS_FLAGS=(--config_file "$acc/multi_node.yaml" --deepspeed_config_file "$dsc/zero2.json") ;;
+    *.json)
+      [ -f "$name" ] || { echo "ds=$name: file not found" >&2; exit 2; }
+      DS_KIND=deepspeed; DS_FLAGS=(--use_deepspeed --deepspeed_config_file "$name") ;;
+    *.yaml | *.yml)
+      [ -f "$name" ] || { echo "ds=$name: file not found" >&2; exit 2; }
+      DS_KIND=config; DS_FLAGS=(--config_file "$name") ;;
+    *)
+      echo "ds=$name: unknown setup; use one of: $DS_NAMES, or a path to a DeepSpeed .json or accelerate .yaml" >&2
+      exit 2 ;;
+  esac
+}
+
+# launch_prefix [DS]: sets LAUNCH (the accelerate command up to the module) and ON_CPU (1 or 0)
 launch_prefix() {
   local gpus=${gpu:-$(detect_gpus)}
   local nodes=${WORKER_NUM:-1}
   local per_node=${NUM_GPUS:-$gpus}
+  ds_flags "${1:-ddp}"
   if [ "${gpus:-0}" -eq 0 ]; then
+    ON_CPU=1
     LAUNCH=(accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no)
     return
   fi
-  LAUNCH=(accelerate launch --num_processes $((per_node * nodes)) --num_machines "$nodes" --mixed_precision bf16)
-  if [ $((per_node * nodes)) -gt 1 ]; then LAUNCH+=(--multi_gpu); fi
+  ON_CPU=0
+  if [ "$DS_KIND" = single ]; then
+    if [ "$nodes" -gt 1 ]; then echo "ds=single_gpu runs one process; unset WORKER_NUM" >&2; exit 2; fi
+    per_node=1
+  fi
+  local total=$((per_node * nodes))
+  LAUNCH=(accelerate launch "${DS_FLAGS[@]}" --num_processes "$total" --num_machines "$nodes" --mixed_precision bf16)
+  if [ "$DS_KIND" = ddp ] && [ "$total" -gt 1 ]; then LAUNCH+=(--multi_gpu); fi
   if [ "$nodes" -gt 1 ]; then
     LAUNCH+=(--machine_rank "${NODE_RANK:?NODE_RANK is required when WORKER_NUM > 1}"
              --main_process_ip "${MASTER_ADDR:?MASTER_ADDR is required when WORKER_NUM > 1}"
              --main_process_port "${MASTER_PORT:-29500}")
+    if [ "$DS_KIND" = deepspeed ]; then LAUNCH+=(--deepspeed_multinode_launcher standard); fi
   fi
 }
 

@@ -7,6 +7,10 @@
 # gpu (processes per node), multi-node: WORKER_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT, NUM_GPUS;
 # out (output folder, default DATAPATH_TAG_logp); dryrun=1 prints the command. Extra arguments after TAG
 # are passed to `pipeline logp` (e.g. --part_rows 2048). Rerunning the same command resumes.
+# Scoring is data-parallel: every process holds the whole reference model in bf16 and scores its own parts,
+# so ZeRO/FSDP would shard nothing. ds= (see scripts/_launch.sh) is checked and then only ddp (default),
+# single_gpu and multi_node's rank flags matter; a sharding name (zero2, zero3, zero3_offload, fsdp2) is
+# noted and launched as ddp. Several nodes: WORKER_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT as in train.sh.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 DATAPATH MODELPATH TAG [extra pipeline logp flags]" >&2
@@ -14,7 +18,13 @@ if [ $# -lt 3 ]; then
 fi
 datapath=${1%/}; modelpath=$2; tag=$3; shift 3
 source "$(dirname "$0")/_launch.sh"
-launch_prefix
+logp_ds=${ds:-ddp}
+ds_flags "$logp_ds"
+if [ "$DS_KIND" != ddp ] && [ "$DS_KIND" != single ]; then
+  echo "run_logp.sh: ds=$logp_ds shards nothing here (pipeline logp is data-parallel); launching ddp" >&2
+  logp_ds=ddp
+fi
+launch_prefix "$logp_ds"
 bsz=${bsz:-8}; ml=${ml:-2000}
 run_or_print "${LAUNCH[@]}" -m pipeline.cli logp \
   --data_path "$datapath" --model_name_or_path "$modelpath" --tag "$tag" \

@@ -8,9 +8,15 @@
 # RSPKEY: response column (must be the one the logps scored). DATAFILTER: none | posonly | negonly.
 # Knobs (environment): bsz (per device, 4), gacc (gradient accumulation, 8), lr (in 1e-6: lr=10 is 1e-5;
 # default 1), gpu (processes per node), kl (0.5), ml (max tokens, 2000), proj (W&B project; unset: no W&B),
-# numepoch (3), out (output folder), ds (DeepSpeed config, deepspeed_configs/zero2.json), dryrun=1;
-# multi-node: WORKER_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT, NUM_GPUS.
+# numepoch (3), out (output folder), dryrun=1 (print the command); multi-node: WORKER_NUM, NODE_RANK,
+# MASTER_ADDR, MASTER_PORT, NUM_GPUS (see scripts/_launch.sh).
+# ds: the distributed setup by name (default zero2) — zero2 | zero3 | zero3_offload | fsdp2 | ddp |
+# single_gpu | multi_node, or a path to a DeepSpeed .json / accelerate .yaml. Each name is a file pair in
+# accelerate_configs/ and deepspeed_configs/ (table in scripts/_launch.sh). Before a long run:
+#   pipeline check --config RECIPE.yaml --stage ips --zero 2 --num_gpus 8     # memory per GPU, micro-batch
 # With no GPU it runs one CPU process without DeepSpeed, so the same command makes a small trial.
+#   ds=zero3 gpu=8 scripts/train.sh data/prepared MODEL ref reward unprocessed_response posonly
+#   WORKER_NUM=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 ds=zero3 scripts/train.sh ...   # each node
 set -euo pipefail
 if [ $# -lt 6 ]; then
   echo "usage: $0 DATAPATH MODELPATH TAG REWARDKEY RSPKEY DATAFILTER [extra pipeline ips flags]" >&2
@@ -19,15 +25,10 @@ fi
 datapath=${1%/}; modelpath=$2; tag=$3; rewardkey=$4; rspkey=$5; datafilter=$6; shift 6
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/_launch.sh"
-launch_prefix
-if [ "${LAUNCH[2]}" != "--cpu" ]; then
-  # DeepSpeed replaces plain DDP (accelerate takes one or the other)
-  LAUNCH=("${LAUNCH[@]/--multi_gpu/}")
-  LAUNCH+=(--use_deepspeed --deepspeed_config_file "${ds:-$here/deepspeed_configs/zero2.json}")
-fi
+launch_prefix "${ds:-zero2}"
 report=(--report_to none)
 if [ -n "${proj:-}" ]; then export WANDB_PROJECT=$proj; report=(--report_to wandb); fi
-bf16=false; if [ "${LAUNCH[2]}" != "--cpu" ]; then bf16=true; fi
+bf16=false; if [ "$ON_CPU" = 0 ]; then bf16=true; fi
 run_or_print "${LAUNCH[@]}" -m pipeline.cli ips \
   --data_path "$datapath" --model_name_or_path "$modelpath" --ref_tag "$tag" \
   --logp_dir "${datapath}_${tag}_logp" \

@@ -76,6 +76,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "Collect run.json metrics under run folders into runs.csv, PNG figures (mean ± 95% CI), a booktabs table "
         "and summary.md.",
     ),
+    "check": (
+        "pipeline.stages.check",
+        "Memory per GPU of a recipe (weights, grads, optimizer, activations; ZeRO/FSDP, LoRA/QLoRA), probe, micro-batch.",
+    ),
     "demo": (
         "pipeline.stages.demo",
         "The offline demo: tiny model + synthetic task through SFT, IPS, DPO, RM, PPO, eval and report (CPU).",
