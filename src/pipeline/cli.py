@@ -110,6 +110,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def close_process_group() -> None:
+    """Leave the process group cleanly (gloo aborts the interpreter at exit otherwise)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_stage(stage: str, argv: list[str]):
     """Import the stage's module and call its `main(argv)`; returns whatever the stage returns."""
     module_name, _ = STAGES[stage]
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pipeline {stage}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0
 
 

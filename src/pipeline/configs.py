@@ -26,7 +26,28 @@ from pipeline.errors import PipelineError
 
 
 @dataclass
-class DataArguments(ScriptArguments):
+class StageOptions:
+    """Options every training stage shares (through `DataArguments`, or its own config for IPS)."""
+
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Test the recipe on a laptop: a tiny random model (and reward model) replaces the recipe's, "
+            "2 steps on at most 16 rows, fp32 on the CPU, no tracker, written to dry_runs/<output_dir> "
+            "(or the --output_dir given on the command line). The model paths need not exist; data must."
+        },
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "With use_peft: save the final model with the LoRA adapter merged into its base (a plain "
+            "model for from_pretrained); the adapter is kept in <output_dir>/adapter."
+        },
+    )
+
+
+@dataclass
+class DataArguments(ScriptArguments, StageOptions):
     """TRL's `ScriptArguments` plus local data files (parquet/jsonl/json), which is how our stages exchange data."""
 
     train_data: str | None = field(
@@ -64,9 +85,13 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+# `str` fields that also take true/false (TrainingArguments types resume_from_checkpoint as a path only)
+STR_OR_BOOL_KEYS = {"resume_from_checkpoint"}
+
+
 def check_value(key: str, annotation: Any, value: Any) -> str | None:
     """Return an error text if `value` (from YAML) cannot be a value of the field's annotation, else None."""
-    if value is None:
+    if value is None or (key in STR_OR_BOOL_KEYS and isinstance(value, bool)):
         return None
     base, members = _strip_optional(annotation)
     if base is None:  # a real union: `SchedulerType | str` is still an enum; `dict | str` accepts anything
@@ -140,6 +165,29 @@ def join_negative_values(args: list[str]) -> list[str]:
     return out
 
 
+def read_recipe_file(path: str) -> dict[str, Any]:
+    """A recipe file's mapping ({} when empty); a missing file, bad YAML or a non-mapping is one line."""
+    if not os.path.isfile(path):
+        raise PipelineError(f"{path}: recipe file not found")
+    try:
+        with open(path) as fh:
+            recipe = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PipelineError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot read recipe: {err.strerror}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise PipelineError(
+            f"{path}: a recipe must be a YAML mapping of field: value, got {type(recipe).__name__}"
+        )
+    return recipe
+
+
 class RecipeParser(TrlParser):
     """`TrlParser` with one-line errors, unknown-key suggestions and YAML type checks."""
 
@@ -172,24 +220,7 @@ class RecipeParser(TrlParser):
 
     def load_recipe(self, path: str) -> dict[str, Any]:
         """Read, validate and return a recipe mapping (the `env:` entry included, untouched)."""
-        if not os.path.isfile(path):
-            raise PipelineError(f"{path}: recipe file not found")
-        try:
-            with open(path) as fh:
-                recipe = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise PipelineError(f"{path}: invalid YAML{where}: {problem}") from None
-        except OSError as err:
-            raise PipelineError(f"{path}: cannot read recipe: {err.strerror}") from None
-        if recipe is None:
-            recipe = {}
-        if not isinstance(recipe, dict):
-            raise PipelineError(
-                f"{path}: a recipe must be a YAML mapping of field: value, got {type(recipe).__name__}"
-            )
+        recipe = read_recipe_file(path)
         env = recipe.get("env", {})
         if not isinstance(env, dict):
             raise PipelineError(f"{path}: 'env' must be a mapping of VARIABLE: value")
@@ -203,6 +234,25 @@ class RecipeParser(TrlParser):
             if problem:
                 raise PipelineError(f"{path}: {problem}")
         return recipe
+
+    def _default_distributed_cpu_ranks(self, args: list[str]) -> None:
+        """Ranks started by `accelerate launch`/`torchrun` on a machine without a GPU. accelerate only
+        treats them as data-parallel ranks when told so: DeepSpeed ranks need the gloo backend (else it
+        counts a single process: no data sharding, failing metric gathers), plain DDP ranks need use_cpu
+        (else each rank trains alone). Fields the recipe or command line sets are left alone."""
+        if os.environ.get("LOCAL_RANK") is None:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        field, value = ("ddp_backend", "gloo") if deepspeed else ("use_cpu", True)
+        action = next((a for a in self._actions if a.dest == field), None)
+        if action is None or any(a.split("=")[0] == f"--{field}" for a in args):
+            return
+        if action.default in (None, False):
+            action.default = value
 
     def _default_bf16_to_hardware(self, args: list[str]) -> None:
         """TRL turns bf16 on whenever it is not set, which fails on a CPU or pre-Ampere GPU.
@@ -237,6 +287,7 @@ class RecipeParser(TrlParser):
         self.set_defaults_with_config(**recipe)
         args = join_negative_values(args)
         self._default_bf16_to_hardware(args)
+        self._default_distributed_cpu_ranks(args)
         try:
             # fail on unknown flags ourselves so the message can suggest the closest field
             *parsed, remaining = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
@@ -253,8 +304,38 @@ class RecipeParser(TrlParser):
 
 
 def parse_stage_args(dataclass_types: tuple, argv: list[str] | None, stage: str) -> tuple:
-    """Parse a stage's recipe + flags into instances of `dataclass_types`."""
-    return RecipeParser(dataclass_types, prog=f"pipeline {stage}").parse(argv)
+    """Parse a stage's recipe + flags into instances of `dataclass_types`.
+
+    With `dry_run: true` the recipe is parsed again with the dry run's settings appended as flags
+    (`pipeline.resilience.dry_run_flags`), so every dataclass validates the values it will run with."""
+    parser = RecipeParser(dataclass_types, prog=f"pipeline {stage}")
+    argv = list(argv or [])
+    if "dry_run" not in parser.valid_keys() or not dry_run_requested(parser, argv):
+        return parser.parse(argv)
+    from pipeline.resilience import dry_run_flags, dry_run_hardware_flags
+
+    keys = set(parser.valid_keys())
+    argv = [*argv, *dry_run_hardware_flags(keys)]
+    parsed = parser.parse(argv)
+    flags = dry_run_flags(parsed, keys, argv)
+    return RecipeParser(dataclass_types, prog=f"pipeline {stage}").parse([*argv, *flags])
 
 
-__all__ = ["DataArguments", "ModelConfig", "RecipeParser", "check_value", "parse_stage_args"]
+def dry_run_requested(parser: RecipeParser, argv: list[str]) -> bool:
+    """`dry_run` from the recipe or the command line, read before parsing: the dry run's CPU settings must
+    be in place when the dataclasses validate (a cluster recipe's `bf16: true` fails on a laptop)."""
+    value: Any = False
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = parser.load_recipe(argv[i + 1]).get("dry_run", value)
+        elif arg.startswith("--config="):
+            value = parser.load_recipe(arg.split("=", 1)[1]).get("dry_run", value)
+    for i, arg in enumerate(argv):
+        if arg == "--dry_run":
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+        elif arg.startswith("--dry_run="):
+            value = arg.split("=", 1)[1]
+    return value is True or str(value).lower() in ("true", "yes", "t", "y", "1")
+
+
+__all__ = ["DataArguments", "ModelConfig", "RecipeParser", "StageOptions", "check_value", "parse_stage_args"]

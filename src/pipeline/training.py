@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.resilience import merge_saved_adapter, run_training
 from pipeline.runinfo import RunInfo, is_main_process
 
 logger = logging.getLogger("pipeline")
@@ -50,47 +51,67 @@ def keep_bnb_4bit_trainable_on_cpu(model) -> int:
     return touched
 
 
-def save_final_model(trainer, output_dir: str) -> None:
+def move_into(tmp: Path, output_dir: str | os.PathLike) -> None:
+    """Move every file of a finished temporary folder into `output_dir` (replacing what is there), then
+    drop the folder: readers see either the old files or complete new ones."""
+    for item in Path(tmp).iterdir():
+        target = Path(output_dir) / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_final_model(trainer, output_dir: str, merge_lora: bool = False) -> None:
     """Save model + tokenizer under a temporary folder, then move the files into `output_dir`.
 
     All ranks must call `save_model` (DeepSpeed/FSDP gather weights there); only the main rank moves files.
+    `merge_lora`: a LoRA adapter is merged into its base first, so the folder is a plain model (the adapter
+    goes to `adapter/`).
     """
     tmp = Path(output_dir) / ".final.tmp"
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():
-        for item in tmp.iterdir():
-            target = Path(output_dir) / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if merge_lora and not merge_saved_adapter(tmp):
+            logger.warning("merge_lora: no LoRA adapter to merge (use_peft is off); saved the model as it is")
+        move_into(tmp, output_dir)
     trainer.accelerator.wait_for_everyone()
 
 
 def train_evaluate_save(
-    trainer, run: RunInfo, metrics: dict, output_dir: str, resume_from_checkpoint=None, eval_keys=()
-) -> dict:
+    trainer, run: RunInfo, metrics: dict, output_dir: str, resume_from_checkpoint=None, eval_keys=(),
+    merge_lora: bool = False,
+) -> dict:  # fmt: skip
     """Eval loss before, training, eval loss after, final save, run.json; returns metrics + log history.
 
+    Training resumes from the last complete checkpoint in `output_dir` unless `resume_from_checkpoint` is
+    false, and backs off on out-of-memory errors (`pipeline.resilience.run_training`).
     `eval_keys`: further eval metrics (without the `eval_` prefix) recorded before and after as well."""
     has_eval = trainer.eval_dataset is not None
+    # Under DeepSpeed, an evaluate() before train() builds an inference-only engine: ZeRO-1/2 refuse it and
+    # ZeRO-3 then trains without an engine. So the "before" numbers are skipped there (said in the log).
+    eval_before = has_eval and not getattr(trainer, "is_deepspeed_enabled", False)
+    if has_eval and not eval_before:
+        logger.info(
+            "DeepSpeed: no eval before training (its engine is built for training first); eval after runs"
+        )
     try:
-        if has_eval:
+        if eval_before:
             before = trainer.evaluate()
             metrics["eval_loss_before"] = before["eval_loss"]
             metrics.update(
                 {f"eval_{k}_before": before[f"eval_{k}"] for k in eval_keys if f"eval_{k}" in before}
             )
             logger.info("eval loss before training %.4f", metrics["eval_loss_before"])
-        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-        metrics.update(train_loss=result.training_loss, global_step=result.global_step)
+        result, info = run_training(trainer, resume_from_checkpoint)
+        metrics.update(train_loss=result.training_loss, global_step=result.global_step, **info)
         if has_eval:
             after = trainer.evaluate()
             metrics["eval_loss"] = after["eval_loss"]
             metrics.update({f"eval_{k}": after[f"eval_{k}"] for k in eval_keys if f"eval_{k}" in after})
             logger.info("eval loss after training %.4f", metrics["eval_loss"])
-        save_final_model(trainer, output_dir)
+        save_final_model(trainer, output_dir, merge_lora)
     except BaseException:
         run.finish(metrics, status="failed")
         raise

@@ -104,8 +104,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.errors import PipelineError
 
 GiB = 1024**3
@@ -659,22 +657,9 @@ def _frozen_formula(plan: Plan, m: int, w: int) -> str:
 
 
 def load_recipe(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise PipelineError(f"{path}: recipe file not found")
-    try:
-        with open(path) as fh:
-            recipe = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PipelineError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise PipelineError(
-            f"{path}: a recipe must be a YAML mapping of field: value, got {type(recipe).__name__}"
-        )
-    return recipe
+    from pipeline.configs import read_recipe_file
+
+    return read_recipe_file(path)
 
 
 def infer_stage(path: str, recipe: dict) -> tuple[str, str]:

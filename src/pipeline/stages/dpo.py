@@ -38,6 +38,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval, prepared_shards
 from pipeline.errors import PipelineError
+from pipeline.resilience import limit_rows
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"data_path '{training_args.data_path}': no pairs/train shards (prepare with views incl. pairs)"
             )
         eval_dataset = prepared_pairs(training_args, "eval", tokenizer, logps)
+        train_dataset = limit_rows(train_dataset, data_args.max_train_samples, training_args.seed)
+        eval_dataset = limit_rows(eval_dataset, data_args.max_eval_samples, training_args.seed)
     else:
         train_dataset, eval_dataset = load_train_eval(data_args, training_args.seed)
         for name, dataset in (("train_data", train_dataset), ("eval_data", eval_dataset)):
@@ -212,4 +215,5 @@ def main(argv: list[str] | None = None) -> dict:
                      "reference": "stored logps" if logps is not None else (
                          training_args.ref_model_name_or_path or "starting model")}  # fmt: skip
     return train_evaluate_save(trainer, run, metrics, training_args.output_dir,
-                               training_args.resume_from_checkpoint, eval_keys=EVAL_KEYS)  # fmt: skip
+                               training_args.resume_from_checkpoint, eval_keys=EVAL_KEYS,
+                               merge_lora=data_args.merge_lora)  # fmt: skip

@@ -48,6 +48,7 @@ from trl import GRPOConfig, ModelConfig
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.errors import PipelineError
+from pipeline.resilience import run_training
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
@@ -334,9 +335,10 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
         if eval_dataset is not None:
             metrics["eval_reward_before"] = trainer.evaluate()["eval_reward"]
             log.info("mean eval reward before training %.4f", metrics["eval_reward_before"])
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        result, info = run_training(trainer, training_args.resume_from_checkpoint)
         history = trainer.state.log_history
         metrics.update(
+            **info,
             train_loss=result.training_loss,
             global_step=result.global_step,
             reward_start=_mean_reward(history, first=True),
@@ -350,7 +352,7 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
         if eval_dataset is not None:
             metrics["eval_reward"] = trainer.evaluate()["eval_reward"]
             log.info("mean eval reward after training %.4f", metrics["eval_reward"])
-        save_final_model(trainer, training_args.output_dir)
+        save_final_model(trainer, training_args.output_dir, data_args.merge_lora)
     except BaseException:
         run.finish(metrics, status="failed")
         raise

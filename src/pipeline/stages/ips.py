@@ -35,10 +35,11 @@ import pyarrow.parquet as pq
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from pipeline.configs import parse_stage_args
+from pipeline.configs import StageOptions, parse_stage_args
 from pipeline.data import prepared_shards
 from pipeline.errors import PipelineError
 from pipeline.losses import IPSLossConfig, ips_loss
+from pipeline.resilience import dry_run_reference_logps
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.scoring import chunked_token_logps
 from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, train_evaluate_save
@@ -47,7 +48,7 @@ logger = logging.getLogger("pipeline.ips")
 
 
 @dataclass
-class IPSConfig(SFTConfig):
+class IPSConfig(SFTConfig, StageOptions):
     """`SFTConfig` plus what IPS needs. Everything else (optimizer, DeepSpeed, logging) is TRL's."""
 
     data_path: str | None = field(default=None, metadata={"help": "A `pipeline prepare` output folder."})
@@ -124,8 +125,11 @@ def check_logp_manifest(manifest: dict, logp_dir: Path, args: IPSConfig, model_a
                             "recompute them with `pipeline logp` for this setting")  # fmt: skip
 
 
-def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict, response_key: str):
-    """Rows of the rl view joined with their logps, filtered, baselined and tokenized."""
+def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, response_key: str,
+                  dry_run_model: str | None = None):  # fmt: skip
+    """Rows of the rl view joined with their logps, filtered, baselined and tokenized.
+
+    `logps` None (a dry run): the first rows only, with reference logps scored by `dry_run_model`."""
     from datasets import Dataset
 
     from pipeline.tokenization import parse_prompt, tokenize_prompt_response
@@ -134,6 +138,8 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict, response_
                                                    "prompt_id"])  # fmt: skip
     if table is None:
         return None, {}
+    if logps is None:
+        table, logps = dry_run_reference_logps(dry_run_model, tokenizer, table, response_key, args.max_length)
     uids = table.column("uid").to_pylist()
     rewards = table.column(args.reward_key).to_numpy(zero_copy_only=False).astype(np.float64)
     counts = {"rows": len(uids)}
@@ -293,17 +299,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
     manifest = json.loads((logp_dir / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    check_logp_manifest(manifest, logp_dir, args, model_args, tokenizer)
+    if not args.dry_run:  # a dry run's tiny model scores its own reference logps (build_dataset)
+        check_logp_manifest(manifest, logp_dir, args, model_args, tokenizer)
     response_key = args.response_key or manifest.get("response_column", "unprocessed_response")
     if manifest.get("response_column") not in (None, response_key):
         raise PipelineError(f"response_key '{response_key}' differs from the column the logps scored "
                             f"('{manifest['response_column']}')")  # fmt: skip
 
-    logps = read_logps(logp_dir)
-    train_dataset, counts = build_dataset(args, "train", tokenizer, logps, response_key)
+    logps = None if args.dry_run else read_logps(logp_dir)
+    reference = args.ref_model_name_or_path or model_args.model_name_or_path
+    train_dataset, counts = build_dataset(args, "train", tokenizer, logps, response_key, reference)
     if train_dataset is None:
         raise PipelineError(f"{args.data_path}: no rl/train-*.parquet rows")
-    eval_dataset, eval_counts = build_dataset(args, "eval", tokenizer, logps, response_key)
+    eval_dataset, eval_counts = build_dataset(args, "eval", tokenizer, logps, response_key, reference)
     counts.update({f"eval_{k}": v for k, v in eval_counts.items()})
     if eval_dataset is None and args.eval_strategy != "no":
         args.eval_strategy = "no"
@@ -342,4 +350,5 @@ def main(argv: list[str] | None = None) -> dict:
     if quantization_config is not None:
         keep_bnb_4bit_trainable_on_cpu(trainer.model)
     metrics: dict = {f"train_{k}" if not k.startswith("eval_") else k: v for k, v in counts.items()}
-    return train_evaluate_save(trainer, run, metrics, args.output_dir, args.resume_from_checkpoint)
+    return train_evaluate_save(trainer, run, metrics, args.output_dir, args.resume_from_checkpoint,
+                               merge_lora=args.merge_lora)  # fmt: skip

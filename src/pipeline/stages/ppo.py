@@ -67,10 +67,11 @@ from pipeline.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from pipeline.resilience import merge_saved_adapter
 from pipeline.runinfo import RunInfo, setup_logging, setup_tracking
 from pipeline.stages.grpo import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
 from pipeline.tokenization import PromptError, reward_model_input_ids
-from pipeline.training import check_model_dir
+from pipeline.training import check_model_dir, move_into
 
 log = logging.getLogger("pipeline.ppo")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -683,6 +684,8 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.update(eval_reward=after["reward"], eval_kl=after["kl"])
             log.info("eval after training: mean score %.4f, KL %.4f", after["reward"], after["kl"])
         save_policy(accelerator, model, tokenizer, args.output_dir, rank == 0)
+        if data_args.merge_lora and rank == 0 and not merge_saved_adapter(args.output_dir):
+            log.warning("merge_lora: no LoRA adapter to merge (use_peft is off)")
     except BaseException:
         run.finish(metrics, status="failed")
         raise
@@ -703,10 +706,5 @@ def save_policy(accelerator, model, tokenizer, output_dir: str, main: bool) -> N
         policy.save_pretrained(tmp, state_dict=policy_state)
         tokenizer.padding_side = "right"  # what training stages expect when they load it
         tokenizer.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            target = Path(output_dir) / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        move_into(tmp, output_dir)
     barrier()

@@ -293,5 +293,6 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = count_kept_pairs(trainer, train_dataset, eval_dataset, run)
     record_eval_metrics(trainer, metrics)
     return train_evaluate_save(
-        trainer, run, metrics, training_args.output_dir, training_args.resume_from_checkpoint
-    )
+        trainer, run, metrics, training_args.output_dir, training_args.resume_from_checkpoint,
+        merge_lora=data_args.merge_lora,
+    )  # fmt: skip

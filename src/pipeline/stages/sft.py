@@ -78,5 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     metrics: dict = {"train_rows": len(train_dataset), "eval_rows": len(eval_dataset) if eval_dataset else 0}
     return train_evaluate_save(
-        trainer, run, metrics, training_args.output_dir, training_args.resume_from_checkpoint
-    )
+        trainer, run, metrics, training_args.output_dir, training_args.resume_from_checkpoint,
+        merge_lora=data_args.merge_lora,
+    )  # fmt: skip
