@@ -206,3 +206,16 @@ def test_size_matched_subsets_share_their_prompts(tmp_path, pairs_file):
         subset_rows(pairs_file, tmp_path, 4, "same_prompts")
     with pytest.raises(PipelineError, match="only 50 rows"):
         subset_rows(pairs_file, tmp_path, 51)
+
+
+def test_jobs_run_sweep_points_as_separate_processes(tmp_path, pairs_file):
+    """`--jobs 2`: each point is `pipeline run FILE --index I` in its own process (real `subset` stages)."""
+    spec = tmp_path / "p.yaml"
+    spec.write_text(f"output_dir: {tmp_path / 'out'}\nsweep: {{n: [4, 8, 12]}}\nstages:\n"
+                    f"  - {{name: data, stage: subset, args: {{data: {pairs_file}, size: \"${{n}}\"}}}}\n")  # fmt: skip
+    summary = run.main([str(spec), "--jobs", "2"])
+    assert summary["points"] == {str(i): {"exit": 0} for i in range(3)}
+    for n in (4, 8, 12):
+        assert pq.read_table(tmp_path / "out" / f"n={n}" / "data" / "train.parquet").num_rows == n
+        record = json.loads((tmp_path / "out" / f"n={n}" / "pipeline_run.json").read_text())
+        assert record["points"][str((4, 8, 12).index(n))][0]["action"] == "ran"

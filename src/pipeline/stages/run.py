@@ -40,8 +40,8 @@ stage's own `run.json`. `--list` prints the points with their index; `--index I`
 array job per point; shared stages are guarded by a file lock); `--jobs N` runs N points side by side as
 subprocesses, one GPU each when GPUs are visible (`CUDA_VISIBLE_DEVICES`). Stages run in this process
 (no import cost per stage) unless they have `launch:`, which runs `accelerate launch --config_file ... -m
-pipeline.cli <stage> ...` in a subprocess. `<root>/pipeline_run.json` records what ran, what was skipped
-and how long each stage took.
+pipeline.cli <stage> ...` in a subprocess. `pipeline_run.json` (in the root; in the point's folder with
+`--index`) records what ran, what was skipped and how long each stage took.
 """
 
 from __future__ import annotations
@@ -487,11 +487,10 @@ def main(argv: list[str] | None = None) -> dict:
         for i in selected:
             log(f"== point {i}: {point_dir(pipe, points[i])}")
             summary["points"][str(i)] = run_point(pipe, points[i], args.from_stage, args.dry_run, log)
-    if not args.dry_run:
-        pipe.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            pipe.output_dir / "pipeline_run.json", json.dumps(summary, indent=2, default=str) + "\n"
-        )
+    if not args.dry_run:  # one point's job writes its own record, so array jobs never overwrite each other
+        where = point_dir(pipe, points[args.index]) if args.index is not None else pipe.output_dir
+        where.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(where / "pipeline_run.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
