@@ -27,6 +27,15 @@ def check_model_dir(path: str | None, key: str = "model_name_or_path") -> str:
     return path
 
 
+def disable_eval_without_data(stage: str, training_args, eval_dataset) -> None:
+    """An eval_strategy with no eval data would fail at the first evaluation: turn it off, and say so."""
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        logger.warning(
+            "%s: eval_strategy=%s but no eval_data; evaluation disabled", stage, training_args.eval_strategy
+        )
+        training_args.eval_strategy = "no"
+
+
 def model_init_kwargs(model_args, training_args) -> dict:
     """How a trainer loads the model from a path: ModelConfig's revision/attention/dtype and the config's
     trust_remote_code, under whatever `model_init_kwargs` the recipe set itself."""

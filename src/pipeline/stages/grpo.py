@@ -52,6 +52,7 @@ from pipeline.resilience import run_training
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
+    disable_eval_without_data,
     keep_bnb_4bit_trainable_on_cpu,
     model_init_kwargs,
     save_final_model,
@@ -289,11 +290,7 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
                 f"per_device_eval_batch_size ({training_args.per_device_eval_batch_size}) x processes must be "
                 f"divisible by num_generations_eval ({n_eval}), the completions sampled per eval prompt"
             )
-    elif training_args.eval_strategy != "no":
-        log.warning(
-            "%s: eval_strategy=%s but no eval_data; evaluation disabled", stage, training_args.eval_strategy
-        )
-        training_args.eval_strategy = "no"
+    disable_eval_without_data(stage, training_args, eval_dataset)
 
     os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)

@@ -35,6 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
+    disable_eval_without_data,
     keep_bnb_4bit_trainable_on_cpu,
     model_init_kwargs,
     train_evaluate_save,
@@ -269,11 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
             "rm: pairs view %s: train_data=%s eval_data=%s", view, data_args.train_data, data_args.eval_data
         )
     set_seed(training_args.seed)
-    if eval_dataset is None and training_args.eval_strategy != "no":
-        logger.warning(
-            "rm: eval_strategy=%s but no eval_data; evaluation disabled", training_args.eval_strategy
-        )
-        training_args.eval_strategy = "no"
+    disable_eval_without_data("rm", training_args, eval_dataset)
 
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)

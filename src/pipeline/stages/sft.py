@@ -25,6 +25,7 @@ from pipeline.data import load_train_eval
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
+    disable_eval_without_data,
     keep_bnb_4bit_trainable_on_cpu,
     model_init_kwargs,
     train_evaluate_save,
@@ -54,11 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(
         "sft: %d train rows, %s eval rows", len(train_dataset), len(eval_dataset) if eval_dataset else 0
     )
-    if eval_dataset is None and training_args.eval_strategy != "no":
-        logger.warning(
-            "sft: eval_strategy=%s but no eval_data; evaluation disabled", training_args.eval_strategy
-        )
-        training_args.eval_strategy = "no"
+    disable_eval_without_data("sft", training_args, eval_dataset)
 
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
