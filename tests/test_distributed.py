@@ -1,5 +1,5 @@
-"""Two CPU ranks give the losses of one process: DeepSpeed ZeRO-2 (SFT) and ZeRO-3 (IPS) through `accelerate
-launch` with the repository's configs, and plain DDP through `torchrun`.
+"""Two CPU ranks give the losses of one process: SFT and IPS under DeepSpeed ZeRO-2 and ZeRO-3 through
+`accelerate launch` with the repository's configs, and SFT under plain DDP through `torchrun`.
 
 Each multi-rank run uses per-device batch 4 on 2 ranks, the single-process run batch 8, so every optimizer
 step sees the same 8 rows. The first DeepSpeed launch on a fresh machine compiles a communication op (~40 s,
@@ -56,10 +56,11 @@ def single_sft(sft_args, tmp_path_factory):
     return losses(out)
 
 
-def test_deepspeed_zero2_sft_on_two_cpu_ranks_matches_one_process(tmp_path, sft_args, single_sft):
-    launch(accelerate("deepspeed_zero2.yaml"), "sft",
-           [*sft_args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "z2")], tmp_path)  # fmt: skip
-    assert losses(tmp_path / "z2") == pytest.approx(single_sft, rel=1e-5, abs=1e-6)
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_sft_on_two_cpu_ranks_matches_one_process(tmp_path, sft_args, single_sft, config):
+    launch(accelerate(config), "sft",
+           [*sft_args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ranks")], tmp_path)  # fmt: skip
+    assert losses(tmp_path / "ranks") == pytest.approx(single_sft, rel=1e-5, abs=1e-6)
     assert len(single_sft) == 3
 
 
@@ -69,21 +70,27 @@ def test_torchrun_ddp_sft_on_two_cpu_ranks_matches_one_process(tmp_path, sft_arg
     assert losses(tmp_path / "ddp") == pytest.approx(single_sft, rel=1e-5, abs=1e-6)
 
 
-def test_deepspeed_zero3_ips_on_two_cpu_ranks_matches_one_process(tmp_path, tiny_model_dir, task_data):
-    prepared = tmp_path / "prepared"
-    prepare.main(["--data_path", task_data["coderl_train"], "--output_dir", str(prepared),
+@pytest.fixture(scope="module")
+def ips_single(tiny_model_dir, task_data, tmp_path_factory):
+    """(IPS arguments on a prepare + logp output, the one-process losses)."""
+    root = tmp_path_factory.mktemp("ips_single")
+    prepare.main(["--data_path", task_data["coderl_train"], "--output_dir", str(root / "prepared"),
                   "--tokenizer_name_or_path", str(tiny_model_dir), "--eval_fraction", "0"])  # fmt: skip
-    logp.main(
-        ["--data_path", str(prepared), "--model_name_or_path", str(tiny_model_dir), "--max_length", "128"]
-    )
-    args = ["--data_path", str(prepared), "--model_name_or_path", str(tiny_model_dir), *STEPS]
-    ips.main([*args, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
-    launch(accelerate("deepspeed_zero3.yaml"), "ips",
-           [*args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "z3")], tmp_path)  # fmt: skip
-    single = losses(tmp_path / "one")
+    logp.main(["--data_path", str(root / "prepared"), "--model_name_or_path", str(tiny_model_dir),
+               "--max_length", "128"])  # fmt: skip
+    args = ["--data_path", str(root / "prepared"), "--model_name_or_path", str(tiny_model_dir), *STEPS]
+    ips.main([*args, "--per_device_train_batch_size", "8", "--output_dir", str(root / "one")])
+    return args, losses(root / "one")
+
+
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_ips_on_two_cpu_ranks_matches_one_process(tmp_path, ips_single, config):
+    args, single = ips_single
+    launch(accelerate(config), "ips",
+           [*args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ranks")], tmp_path)  # fmt: skip
     assert len(single) == 3 and single[0] != single[1]  # the policy moved
-    assert losses(tmp_path / "z3") == pytest.approx(single, rel=1e-5, abs=1e-6)
-    # ZeRO-3 shards were gathered into one plain safetensors model on save
+    assert losses(tmp_path / "ranks") == pytest.approx(single, rel=1e-5, abs=1e-6)
+    # under ZeRO-3 too, the saved model is one plain safetensors model that loads without our code
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "z3").num_parameters() > 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ranks").num_parameters() > 0
