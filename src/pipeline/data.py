@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -165,6 +166,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, what: str | None = None) -> dict:
+    """A JSON file holding an object; anything else is one line naming `what` (a config key) and the file."""
+    prefix = f"{what}: " if what else ""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{prefix}cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{prefix}{path} is not a JSON object")
+    return data
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -139,13 +139,8 @@ def masked_whiten(
 def policy_kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(πθ ‖ π_ref) from tokens sampled from πθ (PPO's online direction):
     k1 = log πθ − log π_ref (unbiased, can be negative); k3 = r − 1 − log r with r = π_ref/πθ (unbiased,
-    never negative, lower variance)."""
-    log_ratio = ref_logps - logps
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k3":
-        return torch.exp(log_ratio) - 1 - log_ratio
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    never negative, lower variance). The IPS estimators with the two distributions' roles swapped."""
+    return kl_per_token(ref_logps, logps, estimator)
 
 
 def gae_advantages(

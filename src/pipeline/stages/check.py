@@ -104,6 +104,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.data import read_json_object
 from pipeline.errors import PipelineError
 
 GiB = 1024**3
@@ -191,25 +192,15 @@ class Counts:
         return self.embedding + self.attention + self.mlp + self.norms + self.lm_head + self.score_head
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"{path}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: expected a JSON object")
-    return data
-
-
 def _config_dict(folder: Path, key: str) -> tuple[Path, dict]:
     """(model folder, config.json contents); a LoRA adapter folder leads to its local base model."""
     if not folder.is_dir():
         raise PipelineError(f"{key}: model folder not found: '{folder}' (a local folder with config.json)")
     if (folder / "config.json").is_file():
-        return folder, _read_json(folder / "config.json")
+        return folder, read_json_object(folder / "config.json")
     adapter = folder / "adapter_config.json"
     if adapter.is_file():
-        base = _read_json(adapter).get("base_model_name_or_path")
+        base = read_json_object(adapter).get("base_model_name_or_path")
         if base and Path(base).is_dir():
             return _config_dict(Path(base), f"{key} (base of the adapter)")
         raise PipelineError(f"{key}: '{folder}' is a LoRA adapter whose base '{base}' is not a local folder")
@@ -705,7 +696,7 @@ def _deepspeed_choice(value: Any, base: Path) -> tuple[int | None, bool]:
         path = Path(value) if Path(value).is_file() else base / value
         if not path.is_file():
             raise PipelineError(f"deepspeed: file not found: '{value}'")
-        value = _read_json(path)
+        value = read_json_object(path)
     if not isinstance(value, dict):
         raise PipelineError("deepspeed: expected a JSON file path or a mapping")
     zero = value.get("zero_optimization", {}) or {}

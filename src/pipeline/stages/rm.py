@@ -30,7 +30,7 @@ from pathlib import Path
 from trl import ModelConfig, RewardConfig
 
 from pipeline.configs import DataArguments, parse_stage_args
-from pipeline.data import FORMATS, load_train_eval, resolve_files
+from pipeline.data import FORMATS, load_train_eval, read_json_object, resolve_files
 from pipeline.errors import PipelineError
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
@@ -59,7 +59,7 @@ def check_reward_model_dir(path: str | None, key: str = "reward_model_path") -> 
     hint = "train one with `pipeline rm` or pass a *ForSequenceClassification folder"
     adapter_file = folder / "adapter_config.json"
     if adapter_file.is_file():
-        adapter = _read_json(adapter_file, key)
+        adapter = read_json_object(adapter_file, key)
         task = adapter.get("task_type")
         if task != "SEQ_CLS":
             raise PipelineError(
@@ -71,7 +71,7 @@ def check_reward_model_dir(path: str | None, key: str = "reward_model_path") -> 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise PipelineError(f"{key}: '{path}' holds no config.json; {hint}")
-    config = _read_json(config_file, key)
+    config = read_json_object(config_file, key)
     architectures = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         causal = [a for a in architectures if a.endswith("ForCausalLM")]
@@ -86,16 +86,6 @@ def check_reward_model_dir(path: str | None, key: str = "reward_model_path") -> 
             "(num_labels=1)"
         )
     return path
-
-
-def _read_json(path: Path, key: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"{key}: cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{key}: {path} is not a JSON object")
-    return data
 
 
 def load_reward_model(path: str, key: str = "reward_model_path", **kwargs):
