@@ -172,6 +172,31 @@ def test_pairs_view_alone_with_assistant_prefix_and_small_reads(tmp_path, monkey
     assert first["rejected"][0]["content"] == "def g():\ndef f():\n    return 1"
 
 
+def test_pairs_written_while_reading_equal_pairs_read_back(tmp_path):
+    """Pass 2 writes the pairs whose rows it reads in one batch; pairs straddling batches are read back in
+    pass 3 (`late` shards). Both ways give the same pairs, with the same text and rewards, in both splits."""
+    rows = rows_for({f"prompt {i}": [1.0, -1.0, 0.9, -0.8, 0.6] for i in range(12)})  # 2 pairs per prompt
+    data = write(tmp_path, rows)
+    outputs = {}
+    for name, flags in (("together", []), ("straddling", ["--batch_rows", "4"])):
+        out = tmp_path / name
+        outputs[name] = out, prepare.main(["--data_path", data, "--output_dir", str(out), "--eval_fraction",
+                                           "0.3", *flags])  # fmt: skip
+    (together, m1), (straddling, m2) = outputs["together"], outputs["straddling"]
+    assert (
+        m1["rows_out"] == m2["rows_out"]
+        and m1["rows_out"]["pairs_train"] + m1["rows_out"]["pairs_eval"] == 24
+    )
+    assert m1["rows_out"]["pairs_eval"] > 0
+    assert not list((together / "pairs").glob("*late-*")) and list((straddling / "pairs").glob("*late-*"))
+    assert list((straddling / "pairs").glob("train-0*")), "some pairs were still written in pass 2"
+    for split in ("train", "eval"):
+        key = lambda r: r["chosen_uid"]  # noqa: E731
+        assert sorted(read(together, "pairs", split), key=key) == sorted(
+            read(straddling, "pairs", split), key=key
+        )
+
+
 def test_sft_view_joins_assistant_prefix(tmp_path):
     prompt = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "def g():\n"}])
     rows = [{"uid": "u", "prompt_pretokenized": prompt, "unprocessed_response": "    return 1",
@@ -319,6 +344,25 @@ def test_jsonl_input_and_plain_text_prompt(tmp_path):
                                 "normalized_reward": 1}) + "\n")  # fmt: skip
     out, _ = run(tmp_path, str(path), "--eval_fraction", "0")
     assert read(out, "sft")[0]["messages"][0] == {"role": "user", "content": "plain question"}
+
+
+def test_validation_shared_with_a_worker_reports_the_first_bad_row(tmp_path):
+    """Pass 1 runs over row groups in this process and a worker; an error found by the worker arrives as the
+    same one line, and with bad rows in two row groups the earlier one is named."""
+    rows = rows_for({f"prompt {i}": [0.5, -0.5] for i in range(40)})  # 80 rows in 8 row groups of 10
+    rows[75]["normalized_reward"] = math.nan
+    data = str(tmp_path / "d.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), data, row_group_size=10)
+    out = tmp_path / "out"
+    argv = ["--data_path", data, "--output_dir", str(out), "--num_proc", "2"]
+    with pytest.raises(prepare.PipelineError, match=r"d.parquet: column 'normalized_reward' has a non-finite "
+                       r"value \(nan\) at row 75, uid 'p37-r1'$"):  # fmt: skip
+        prepare.main(argv)
+    rows[12]["normalized_reward"] = math.inf
+    pq.write_table(pa.Table.from_pylist(rows), data, row_group_size=10)
+    with pytest.raises(prepare.PipelineError, match=r"\(inf\) at row 12, uid 'p6-r0'$"):
+        prepare.main(argv)
+    assert not out.exists()
 
 
 def test_two_worker_processes_write_the_same_rows(tmp_path, tiny_model_dir):

@@ -18,9 +18,10 @@ Output (`output_dir`, written under a temporary name and renamed when complete):
 - `sft/{train,eval}-NNNNN.parquet`: `messages` (user, assistant = prefix + response) for rows whose reward
   exceeds `pos_threshold`;
 - `pairs/{train,eval}-NNNNN.parquet`: `prompt`/`chosen`/`rejected` (+ rewards, uids) from responses to the
-  same prompt whose rewards differ by at least `pair_margin` (chosen from ids and rewards in memory; the
-  paired rows' cleaned text is then read back from the rl shards, which are written aside if `rl` is not
-  among the views);
+  same prompt whose rewards differ by at least `pair_margin`, chosen from ids and rewards in memory. A pair
+  whose two rows are read in one batch (a prompt's responses stored together, as logged RL data usually
+  is) is written while its rows are cleaned; the others, and all pairs after a `max_length` filter, are
+  read back from the rl shards (`*late-*` shards; the rl view is written aside if not among the views);
 - `manifest.json`: sources with sha256, rows in/out, drops per reason, the config, tokenizer fingerprint.
 """
 
@@ -205,8 +206,10 @@ def prompt_messages(value) -> list[dict[str, str]]:
     return _parse_prompt_text(value) if isinstance(value, str) else parse_prompt(value)
 
 
+@functools.lru_cache(maxsize=4)
 def prompt_hasher(seed: int):
-    """prompt value -> uint64 hash of its canonical messages, salted by `seed` (cached per distinct text)."""
+    """prompt value -> uint64 hash of its canonical messages, salted by `seed` (cached per distinct text, per
+    process: the work units of one process share the cache)."""
     salt = str(seed).encode()
 
     def key_of(messages: list[dict[str, str]]) -> int:
@@ -232,34 +235,55 @@ def first_bad(mask: np.ndarray, uids: list[str] | pa.Array, offset: int) -> str:
     return f"row {offset + i}, uid {uid!r}"
 
 
-def scan_rows(sources, cfg: PrepareConfig) -> RowIndex:
-    """Validate every row (ids, prompts, rewards) and collect what the transforms and filters need."""
+@dataclass
+class ScanJob:
+    cfg: PrepareConfig
+    unit: tuple[str, int | None, int, int]  # (file, row group or None, first global row, rows)
+    file_row: int  # the unit's first row counted within its file, as errors name rows
+
+
+def scan_unit(job: ScanJob) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Pass 1 over one work unit: validate ids, prompts and rewards; return (rewards, prompt keys, uids)."""
+    cfg, (path, group, _, _) = job.cfg, job.unit
     rewards, keys, uid_chunks = [], [], []
     key_of = prompt_hasher(cfg.seed)
-    for path, _, _ in sources:
-        offset = 0
-        for batch in iter_batches(path, cfg.batch_rows, ["uid", PROMPT_KEY, cfg.reward_key]):
-            uid_col = batch.column("uid")
-            if uid_col.null_count:
-                raise PipelineError(f"{path}: column 'uid' is null at row {offset + first_null(uid_col)}")
-            reward = batch.column(cfg.reward_key)
-            if reward.null_count:
-                at = first_null(reward)
-                raise PipelineError(
-                    f"{path}: column '{cfg.reward_key}' is null at row {offset + at}, uid {uid_col[at]}"
-                )
-            values = reward.to_numpy(zero_copy_only=False).astype(np.float64)
-            bad = ~np.isfinite(values)
-            if bad.any():
-                raise PipelineError(
-                    f"{path}: column '{cfg.reward_key}' has a non-finite value "
-                    f"({values[np.flatnonzero(bad)[0]]}) at {first_bad(bad, uid_col, offset)}"
-                )
-            keys.append(hash_prompts(batch.column(PROMPT_KEY), key_of, path, uid_col, offset))
-            rewards.append(values)
-            uid_chunks.append(uid_col)
-            offset += len(batch)
-    return RowIndex(np.concatenate(rewards), np.concatenate(keys), find_duplicates(uid_chunks, cfg))
+    offset = job.file_row
+    columns = ["uid", PROMPT_KEY, cfg.reward_key]
+    for batch in iter_batches(path, cfg.batch_rows, columns, None if group is None else [group]):
+        uid_col = batch.column("uid")
+        if uid_col.null_count:
+            raise PipelineError(f"{path}: column 'uid' is null at row {offset + first_null(uid_col)}")
+        reward = batch.column(cfg.reward_key)
+        if reward.null_count:
+            at = first_null(reward)
+            raise PipelineError(
+                f"{path}: column '{cfg.reward_key}' is null at row {offset + at}, uid {uid_col[at]}"
+            )
+        values = reward.to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise PipelineError(
+                f"{path}: column '{cfg.reward_key}' has a non-finite value "
+                f"({values[np.flatnonzero(bad)[0]]}) at {first_bad(bad, uid_col, offset)}"
+            )
+        keys.append(hash_prompts(batch.column(PROMPT_KEY), key_of, path, uid_col, offset))
+        rewards.append(values)
+        uid_chunks.append(uid_col)
+        offset += len(batch)
+    uids = pa.concat_arrays(uid_chunks) if uid_chunks else pa.array([], pa.string())
+    return np.concatenate(rewards), np.concatenate(keys), uids
+
+
+def scan_rows(sources, units, cfg: PrepareConfig, pool=None, workers: int = 0) -> RowIndex:
+    """Validate every row (ids, prompts, rewards) and collect what the transforms and filters need; the work
+    units are shared between this process and the pool. The first bad row (in input order) is reported."""
+    file_start, start = {}, 0
+    for path, _, rows in sources:
+        file_start[path], start = start, start + rows
+    jobs = [ScanJob(cfg, unit, unit[2] - file_start[unit[0]]) for unit in units]
+    parts = run_shared(scan_unit, jobs, pool, workers)
+    rewards, keys, uids = zip(*parts, strict=True)
+    return RowIndex(np.concatenate(rewards), np.concatenate(keys), find_duplicates(list(uids), cfg))
 
 
 def hash_prompts(prompts: pa.Array, key_of, path: str, uids: pa.Array, offset: int) -> np.ndarray:
@@ -287,7 +311,9 @@ def hash_prompts(prompts: pa.Array, key_of, path: str, uids: pa.Array, offset: i
 
 def find_duplicates(uid_chunks: list[pa.Array], cfg: PrepareConfig) -> np.ndarray:
     """True for every occurrence of a uid after its first; an error unless dedupe=keep_first."""
-    uids = pa.chunked_array(uid_chunks).combine_chunks()
+    uids = pa.chunked_array(
+        [u.cast(pa.large_string()) for u in uid_chunks]
+    ).combine_chunks()  # files may differ
     counts = pc.value_counts(uids)
     repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     duplicate = np.zeros(len(uids), dtype=bool)
@@ -548,6 +574,9 @@ class ViewsJob:
     prefix: str  # shard-name prefix of this worker
     units: list[tuple[str, int | None, int, int]]  # (file, row group or None, first global row, rows)
     plan: RowPlan
+    # pairs (chosen rows, rejected rows; global, ordered by first row) starting in these units, or None;
+    # those whose two rows fall in one read batch are written here, the rest in pass 3
+    pairs: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -584,7 +613,7 @@ def split_evenly(items: list, parts: int) -> list[list]:
 @contextlib.contextmanager
 def worker_pool(num_proc: int):
     """`num_proc - 1` spawned worker processes (pyarrow's threads make fork unsafe), or None for one process.
-    The workers import this module at once, so their start-up overlaps pass 1."""
+    The workers start importing this module at once; pass 1 hands them work as soon as they are up."""
     if num_proc <= 1:
         yield None
         return
@@ -609,10 +638,36 @@ def run_jobs(function, jobs: list, pool, desc: str | None = None, total: int | N
     return [first, *(future.result() for future in others)]
 
 
+def run_shared(function, jobs: list, pool, workers: int) -> list:
+    """Many small jobs, results in job order: this process takes jobs from the front while the pool's
+    `workers` take them from the back (a couple queued each), so no side waits for the other to start up."""
+    if pool is None or len(jobs) <= 1:
+        return [function(job) for job in jobs]
+    results: list = [None] * len(jobs)
+    queued: dict = {}
+    front, back = 0, len(jobs)
+    try:
+        while front < back:
+            while back > front and sum(not f.done() for f in queued.values()) < 2 * workers:
+                back -= 1
+                queued[back] = pool.submit(function, jobs[back])
+            if front < back:
+                results[front] = function(jobs[front])
+                front += 1
+        for i in sorted(queued):  # in job order, so the earliest failing job's error is the one raised
+            results[i] = queued[i].result()
+    except BaseException:
+        for future in queued.values():
+            future.cancel()
+        raise
+    return results
+
+
 def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
     """Pass 2 over this job's rows: clean responses, drop too-long rows, write the rl and sft shards.
 
-    Returns rows written per view and split, and the global indices of the rows too long to keep."""
+    Returns rows written per view and split, the global indices of the rows too long to keep, and which of
+    `job.pairs` were written (logged data keeps a prompt's responses together, so most pairs are)."""
     from tqdm.auto import tqdm
 
     cfg, views, tmp, plan = job.cfg, job.views, Path(job.tmp), job.plan
@@ -620,8 +675,11 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
     if cfg.tokenizer_name_or_path and cfg.max_length is not None:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
     writers = {(view, split): ShardWriter(tmp / view, split, cfg, job.prefix)
-               for view in ("rl", "sft") for split in ("train", "eval")}  # fmt: skip
+               for view in ("rl", "sft", "pairs") for split in ("train", "eval")}  # fmt: skip
     too_long_rows = []
+    good, bad = job.pairs if job.pairs is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    first, last = np.minimum(good, bad), np.maximum(good, bad)
+    pairs_written = []
     desc, total = progress
     bar = tqdm(total=total, desc=desc, unit="row", disable=desc is None or (total or 0) < 100_000)
     for path, group, first_row, _ in job.units:
@@ -640,7 +698,9 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
             rows = np.flatnonzero(mask)
             if not len(rows):
                 continue
-            selected = pa.Table.from_batches([batch]).take(pa.array(rows))
+            selected = pa.Table.from_batches([batch])
+            if len(rows) < n:
+                selected = selected.take(pa.array(rows))
             del batch, response_col
             responses = clean_responses(selected.column(cfg.response_key))
             if tokenizer is not None:
@@ -655,6 +715,19 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
                                            responses)  # fmt: skip
             selected = selected.append_column(cfg.reward_output_key, pa.array(plan.rewards[sl][mask]))
             selected = selected.append_column("prompt_id", pa.array(plan.prompt_keys[sl][mask]))
+            a, b = np.searchsorted(first, [sl.start, sl.stop])
+            inside = np.flatnonzero(last[a:b] < sl.stop) + a  # pairs with both rows in this batch
+            if len(inside):
+                pairs_written.append(inside)
+                at_good = np.searchsorted(rows, good[inside] - sl.start)
+                at_bad = np.searchsorted(rows, bad[inside] - sl.start)
+                for split, held_out in (("train", False), ("eval", True)):
+                    mine = plan.is_eval[good[inside]] == held_out
+                    if mine.any():
+                        writers["pairs", split].write(pair_table(
+                            selected, cfg, at_good[mine], at_bad[mine],
+                            plan.rewards[good[inside][mine]], plan.rewards[bad[inside][mine]],
+                        ))  # fmt: skip
             eval_rows = plan.is_eval[sl][mask]
             for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
                 part = selected.filter(pa.array(split_mask))
@@ -674,7 +747,29 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
     for writer in writers.values():
         writer.close()
     too_long = np.concatenate(too_long_rows) if too_long_rows else np.zeros(0, dtype=np.int64)
-    return {"rows": {f"{view}_{split}": w.rows for (view, split), w in writers.items()}, "too_long": too_long}
+    written = np.concatenate(pairs_written) if pairs_written else np.zeros(0, dtype=np.int64)
+    return {"rows": {f"{view}_{split}": w.rows for (view, split), w in writers.items()}, "too_long": too_long,
+            "pairs_written": written}  # fmt: skip
+
+
+def pair_table(rows: pa.Table, cfg: PrepareConfig, at_good, at_bad, good_reward, bad_reward) -> pa.Table:
+    """Preference rows from cleaned rl rows: `rows` holds them, `at_good`/`at_bad` index the two sides."""
+    at_good, at_bad = pa.array(at_good), pa.array(at_bad)
+    user, prefix = prompt_parts(rows.column(PROMPT_KEY).take(at_good))
+    responses = rows.column(cfg.response_key)
+    chosen, rejected = responses.take(at_good), responses.take(at_bad)
+    if pc.any(pc.not_equal(prefix, "")).as_py():  # an assistant prefix starts the answer
+        chosen = pc.binary_join_element_wise(prefix, chosen, "")
+        rejected = pc.binary_join_element_wise(prefix, rejected, "")
+    return pa.table({
+        "prompt": chat_array([("user", user)]),
+        "chosen": chat_array([("assistant", chosen)]),
+        "rejected": chat_array([("assistant", rejected)]),
+        "chosen_reward": np.asarray(good_reward, dtype=np.float64),
+        "rejected_reward": np.asarray(bad_reward, dtype=np.float64),
+        "chosen_uid": rows.column("uid").take(at_good),
+        "rejected_uid": rows.column("uid").take(at_bad),
+    })  # fmt: skip
 
 
 def write_pairs(job: PairsJob, progress: tuple = (None, None)) -> dict[str, int]:
@@ -693,22 +788,9 @@ def write_pairs(job: PairsJob, progress: tuple = (None, None)) -> dict[str, int]
             good, bad = good_all[start : start + PAIRS_PER_READ], bad_all[start : start + PAIRS_PER_READ]
             rows = np.unique(np.concatenate([good, bad]))
             text = read_rows(units, rows, ["uid", PROMPT_KEY, cfg.response_key], cfg.batch_rows)
-            at_good, at_bad = pa.array(np.searchsorted(rows, good)), pa.array(np.searchsorted(rows, bad))
-            user, prefix = prompt_parts(text.column(PROMPT_KEY).take(at_good))
-            responses = text.column(cfg.response_key)
-            chosen, rejected = responses.take(at_good), responses.take(at_bad)
-            if pc.any(pc.not_equal(prefix, "")).as_py():  # an assistant prefix starts the answer
-                chosen = pc.binary_join_element_wise(prefix, chosen, "")
-                rejected = pc.binary_join_element_wise(prefix, rejected, "")
-            writer.write(pa.table({
-                "prompt": chat_array([("user", user)]),
-                "chosen": chat_array([("assistant", chosen)]),
-                "rejected": chat_array([("assistant", rejected)]),
-                "chosen_reward": good_reward[start : start + PAIRS_PER_READ],
-                "rejected_reward": bad_reward[start : start + PAIRS_PER_READ],
-                "chosen_uid": text.column("uid").take(at_good),
-                "rejected_uid": text.column("uid").take(at_bad),
-            }))  # fmt: skip
+            writer.write(pair_table(text, cfg, np.searchsorted(rows, good), np.searchsorted(rows, bad),
+                                    good_reward[start : start + PAIRS_PER_READ],
+                                    bad_reward[start : start + PAIRS_PER_READ]))  # fmt: skip
             bar.update(len(good))
         writer.close()
         rows_out[f"pairs_{split}"] = writer.rows
@@ -757,12 +839,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows_in = sum(rows for _, _, rows in sources)
     if rows_in == 0:
         raise PipelineError(f"{cfg.data_path}: no rows")
-    # passes 2 and 3 (clean, length filter, views; then pairs) run in `num_proc` processes over disjoint rows
+    # every pass (validate; clean, length filter, views; pairs read back) runs in `num_proc` processes over
+    # disjoint rows
     units = work_units(sources)
     num_proc = cfg.num_proc or (min(2, os.cpu_count() or 1) if rows_in >= 200_000 else 1)
     num_proc = max(1, min(num_proc, len(units)))
     with worker_pool(num_proc) as pool:
-        index = scan_rows(sources, cfg)
+        index = scan_rows(sources, units, cfg, pool, num_proc - 1)
         seconds = {"scan": time.time() - started}
         pa.default_memory_pool().release_unused()  # pass 1's batches are gone; give their memory back
         drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum())}
@@ -777,10 +860,20 @@ def main(argv: list[str] | None = None) -> dict:
         with atomic_directory(out) as tmp:
             # per-process shard names; zero-padded so that they sort in row order
             prefixes = [f"w{k:03d}-" if num_proc > 1 else "" for k in range(num_proc)]
-            # the pairs view is read back from the rl view's cleaned rows: written aside when not asked for
+            # pairs whose rows are far apart are read back from the rl view's cleaned rows in pass 3: written
+            # aside when not asked for
             written = sorted(views | ({"rl"} if "pairs" in views else set()))
-            jobs = [ViewsJob(cfg, written, str(tmp), prefixes[k], part, plan)
-                    for k, part in enumerate(split_evenly(units, num_proc))]  # fmt: skip
+            # without a length filter the pairs are known now (ids and rewards alone), and pass 2 writes those
+            # whose two rows it reads together
+            early = "pairs" in views and cfg.max_length is None
+            good, bad = choose_pairs(index.prompt_keys, rewards, keep, cfg) if early else (None, None)
+            jobs = []
+            for k, part in enumerate(split_evenly(units, num_proc)):
+                share = None
+                if early:
+                    lo, hi = np.searchsorted(np.minimum(good, bad), [part[0][2], part[-1][2] + part[-1][3]])
+                    share = (good[lo:hi], bad[lo:hi])
+                jobs.append(ViewsJob(cfg, written, str(tmp), prefixes[k], part, plan, share))
             results = run_jobs(write_views, jobs, pool, "prepare", rows_in)
             seconds["views"] = time.time() - started - sum(seconds.values())
             rows_out = {key: sum(r["rows"][key] for r in results) for key in results[0]["rows"]}
@@ -790,8 +883,16 @@ def main(argv: list[str] | None = None) -> dict:
             if not keep.any():
                 raise PipelineError(f"{cfg.data_path}: zero rows left after filtering (drops: {drops})")
             if "pairs" in views:
-                # pass 3: pairs are chosen from ids and rewards alone, then only their rows' text is read back
-                good, bad = choose_pairs(index.prompt_keys, rewards, keep, cfg)
+                # pass 3: the other pairs (all of them after a length filter); only their rows' text is read back
+                if early:
+                    done = np.zeros(len(good), dtype=bool)
+                    first_pair = 0
+                    for job, result in zip(jobs, results, strict=True):
+                        done[result["pairs_written"] + first_pair] = True
+                        first_pair += len(job.pairs[0])
+                    good, bad = good[~done], bad[~done]
+                else:
+                    good, bad = choose_pairs(index.prompt_keys, rewards, keep, cfg)
                 shares = [{} for _ in range(num_proc)]
                 for split, held_out in (("train", False), ("eval", True)):
                     in_split = keep & (is_eval == held_out)
@@ -801,10 +902,8 @@ def main(argv: list[str] | None = None) -> dict:
                     for k, share in enumerate(split_evenly(np.flatnonzero(mine), num_proc)):
                         g, b = good[share], bad[share]
                         shares[k][split] = (files, position[g], position[b], rewards[g], rewards[b])
-                pair_jobs = [
-                    PairsJob(cfg, str(tmp), prefixes[k], share) for k, share in enumerate(shares) if share
-                ]
-                rows_out.update(pairs_train=0, pairs_eval=0)
+                pair_jobs = [PairsJob(cfg, str(tmp), f"{prefixes[k]}late-", share)
+                             for k, share in enumerate(shares) if share and len(good)]  # fmt: skip
                 for result in run_jobs(write_pairs, pair_jobs, pool, "pairs", len(good)) if pair_jobs else []:
                     for key, value in result.items():
                         rows_out[key] = rows_out.get(key, 0) + value
