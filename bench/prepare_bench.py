@@ -1,9 +1,11 @@
 """Throughput and peak memory of `pipeline prepare` on synthetic reward-keyed rows.
 
-    .venv/bin/python bench/prepare_bench.py [--rows 1000000] [--response_bytes 2000] [--workdir /tmp/prep_bench]
+    .venv/bin/python bench/prepare_bench.py [--rows 1000000] [--response_bytes 2000] [--layout grouped|shuffled]
+        [--views rl,sft,pairs] [--workdir /tmp/prepare_bench]
 
 Writes a parquet of `--rows` rows (users' schema, fenced ~2 KB responses, 8 responses per prompt) in row
-groups, then runs `pipeline prepare` on it in a child process and reports rows/s, the peak RSS of its
+groups: `grouped` keeps a prompt's responses together, as logged RL data is; `shuffled` scatters them over
+the file (the worst case for the pairs view, whose pairs are then read back in a third pass). Then runs `pipeline prepare` on it in a child process and reports rows/s, the peak RSS of its
 largest process, and the peak of the summed RSS of the stage and its worker processes.
 The stage's own time (from its manifest) excludes the ~5 s of interpreter and library start-up.
 """
@@ -24,16 +26,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def make_data(path: Path, rows: int, response_bytes: int, chunk: int = 50_000) -> None:
+def make_data(path: Path, rows: int, response_bytes: int, shuffled: bool, chunk: int = 50_000) -> None:
     line = "    total = total + compute(value, index)  # accumulate\n"
     body = line * max(1, response_bytes // len(line))
     rng = np.random.default_rng(0)
+    order = np.random.default_rng(1).permutation(rows) if shuffled else np.arange(rows)
     schema = pa.schema([("uid", pa.string()), ("prompt_pretokenized", pa.string()),
                         ("unprocessed_response", pa.string()), ("normalized_reward", pa.float64())])  # fmt: skip
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
-            ids = np.arange(start, start + n)
+            ids = order[start : start + n]
             prompts = [
                 json.dumps([{"role": "user", "content": f"Write function number {i // 8}."}]) for i in ids
             ]
@@ -63,13 +66,15 @@ def main() -> None:
     parser.add_argument("--response_bytes", type=int, default=2000)
     parser.add_argument("--workdir", default="/tmp/prepare_bench")
     parser.add_argument("--views", default="rl,sft,pairs")
+    parser.add_argument("--layout", choices=["grouped", "shuffled"], default="grouped")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    data = work / f"rows_{args.rows}_{args.response_bytes}.parquet"
+    suffix = "" if args.layout == "grouped" else "_shuffled"
+    data = work / f"rows_{args.rows}_{args.response_bytes}{suffix}.parquet"
     if not data.exists():
         t0 = time.time()
-        make_data(data, args.rows, args.response_bytes)
+        make_data(data, args.rows, args.response_bytes, args.layout == "shuffled")
         print(f"made {data} ({data.stat().st_size / 2**30:.2f} GiB) in {time.time() - t0:.1f} s")
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -85,7 +90,7 @@ def main() -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     stage = manifest["seconds"]
     print(json.dumps({
-        "rows": args.rows, "response_bytes": args.response_bytes, "views": args.views,
+        "rows": args.rows, "response_bytes": args.response_bytes, "layout": args.layout, "views": args.views,
         "wall_s": round(wall, 2), "stage_s": stage, "stage_s_by_pass": manifest["seconds_by_pass"],
         "rows_per_s_wall": round(args.rows / wall), "rows_per_s_stage": round(args.rows / stage),
         "peak_rss_gib_largest_process": round(peak_gib, 3), "peak_rss_gib_all_processes": round(peak_total, 3),

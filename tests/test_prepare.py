@@ -151,16 +151,18 @@ def test_preference_pairs_respect_margin_and_prompt(tmp_path):
 
 
 def test_pairs_view_alone_with_assistant_prefix_and_small_reads(tmp_path, monkeypatch):
-    """views=pairs: the rl rows it reads back are not left behind; a prefix starts both answers; pairs read
-    a few at a time (scattered rows of one prompt) give the same pairs."""
-    monkeypatch.setattr(prepare, "PAIRS_PER_READ", 3)
+    """views=pairs: the rl rows it reads back are not left behind; a prefix starts both answers; pairs joined
+    in buckets of 3 from scattered rows of one prompt give the same pairs."""
+    monkeypatch.setattr(prepare, "PAIRS_PER_BUCKET", 3)
     prefixed = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "def g():\n"}])
     rows = rows_for({f"prompt {i}": [1.0, -1.0, 0.9, -0.8] for i in range(5)})
     for row in rows[:4]:
         row["prompt_pretokenized"] = prefixed
     rows = rows[::2] + rows[1::2]  # responses to one prompt far apart in the file
-    out, manifest = run(tmp_path, write(tmp_path, rows), "--views", "pairs", "--eval_fraction", "0")
+    out, manifest = run(tmp_path, write(tmp_path, rows), "--views", "pairs", "--eval_fraction", "0",
+                        "--batch_rows", "2")  # no pair's rows share a batch: all are joined in pass 3  # fmt: skip
     assert not (out / "rl").exists() and not (out / "sft").exists()
+    assert sorted(os.listdir(out / "pairs")) == ["train-late-00000.parquet"]  # bucket files are gone
     assert manifest["rows_out"] == {"pairs_train": 10, "pairs_eval": 0}
     pairs = read(out, "pairs")
     assert sorted((p["chosen_uid"], p["rejected_uid"]) for p in pairs) == sorted(

@@ -54,7 +54,7 @@ from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.prepare")
 SCHEMA_VERSION = 1
-PAIRS_PER_READ = 10_000  # pairs whose text is held at once in pass 3 (~40 MB at 2 KB responses)
+PAIRS_PER_BUCKET = 10_000  # pairs assembled at once in pass 3 (~40 MB of text at 2 KB responses)
 PROMPT_KEY = "prompt_pretokenized"
 
 
@@ -216,8 +216,20 @@ def prompt_hasher(seed: int):
         canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
         return int.from_bytes(hashlib.blake2b(canonical, digest_size=8, key=salt).digest(), "little")
 
-    cached = functools.lru_cache(maxsize=1 << 15)(lambda text: key_of(prompt_messages(text)))
-    return lambda value: cached(value) if isinstance(value, str) else key_of(prompt_messages(value))
+    # Prompt texts recur across batches (and, in shuffled data, far apart): remember each text's key under a
+    # 16-byte digest of the text, so memory stays small for long prompts and each text is parsed once
+    known: dict[bytes, int] = {}
+
+    def key_of_text(text: str) -> int:
+        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        key = known.get(digest)
+        if key is None:
+            if len(known) >= 1 << 20:  # about 100 MB: start over rather than grow without bound
+                known.clear()
+            key = known[digest] = key_of(prompt_messages(text))
+        return key
+
+    return lambda value: key_of_text(value) if isinstance(value, str) else key_of(prompt_messages(value))
 
 
 @dataclass
@@ -538,24 +550,6 @@ def choose_pairs(keys: np.ndarray, rewards: np.ndarray, keep: np.ndarray, cfg: P
     return good[by_first_row], bad[by_first_row]
 
 
-def read_rows(units, rows: np.ndarray, columns: list[str], batch_rows: int) -> pa.Table:
-    """The given global rows (sorted, unique) of the inputs, in that order; only the row groups holding them
-    are read, batch by batch, and only those rows are kept."""
-    pieces = []
-    for path, group, first_row, n in units:
-        lo, hi = np.searchsorted(rows, [first_row, first_row + n])
-        if lo == hi:
-            continue
-        wanted = rows[lo:hi]
-        offset = first_row
-        for batch in iter_batches(path, batch_rows, columns, None if group is None else [group]):
-            a, b = np.searchsorted(wanted, [offset, offset + batch.num_rows])
-            if a < b:
-                pieces.append(pa.Table.from_batches([batch]).take(pa.array(wanted[a:b] - offset)))
-            offset += batch.num_rows
-    return pa.concat_tables(pieces)
-
-
 @dataclass
 class RowPlan:
     """Pass 1's decisions, one entry per input row (a few bytes each)."""
@@ -577,16 +571,6 @@ class ViewsJob:
     # pairs (chosen rows, rejected rows; global, ordered by first row) starting in these units, or None;
     # those whose two rows fall in one read batch are written here, the rest in pass 3
     pairs: tuple[np.ndarray, np.ndarray] | None = None
-
-
-@dataclass
-class PairsJob:
-    cfg: PrepareConfig
-    tmp: str
-    prefix: str
-    splits: dict[str, tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-    # per split: (rl shard files in order, chosen positions, rejected positions, chosen/rejected rewards)
-    # a position is a row's index in the concatenated rl shards of its split
 
 
 def work_units(sources) -> list[tuple[str, int | None, int, int]]:
@@ -772,30 +756,89 @@ def pair_table(rows: pa.Table, cfg: PrepareConfig, at_good, at_bad, good_reward,
     })  # fmt: skip
 
 
-def write_pairs(job: PairsJob, progress: tuple = (None, None)) -> dict[str, int]:
-    """Pass 3 over this job's pairs, `PAIRS_PER_READ` at a time: read the paired rows (already cleaned) back
-    from the rl shards, touching only the row groups that hold them, and write prompt/chosen/rejected."""
+@dataclass
+class ScatterJob:
+    """Pass 3a: one process's share of a split's rl row groups, and the paired rows in it."""
+
+    cfg: PrepareConfig
+    work: str  # folder for bucket files
+    prefix: str
+    split: str
+    units: list[tuple[str, int | None, int, int]]  # rl shard row groups; first row = position in the split
+    rows: np.ndarray  # positions of the paired rows in these units, sorted
+    buckets: np.ndarray  # bucket of each of those rows
+
+
+@dataclass
+class GatherJob:
+    """Pass 3b: buckets of pairs to assemble from their bucket files, and write."""
+
+    cfg: PrepareConfig
+    tmp: str
+    work: str
+    prefix: str
+    split: str
+    buckets: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    # (bucket, chosen positions, rejected positions, chosen rewards, rejected rewards)
+
+
+def scatter_pair_rows(job: ScatterJob, progress: tuple = (None, None)) -> None:
+    """Read this share of the rl shards once, in order, and append each paired row (cleaned text and all) to
+    the Arrow file of its pair's bucket. Every pair's rows are then in one small file, wherever they were."""
+    cfg, writers = job.cfg, {}
+    columns = ["uid", PROMPT_KEY, cfg.response_key]
+    try:
+        for path, group, first, n in job.units:
+            lo, hi = np.searchsorted(job.rows, [first, first + n])
+            if lo == hi:
+                continue  # no paired row in this row group: not even read
+            offset = first
+            for batch in iter_batches(path, cfg.batch_rows, columns, None if group is None else [group]):
+                a, b = np.searchsorted(job.rows, [offset, offset + batch.num_rows])
+                if a < b:
+                    by_bucket = np.argsort(job.buckets[a:b], kind="stable")
+                    rows, buckets = job.rows[a:b][by_bucket], job.buckets[a:b][by_bucket]
+                    table = pa.Table.from_batches([batch]).take(pa.array(rows - offset))
+                    table = table.append_column("position", pa.array(rows))
+                    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+                    for start, stop in zip(starts, [*starts[1:], len(rows)], strict=True):
+                        bucket = int(buckets[start])
+                        if bucket not in writers:
+                            name = f"{job.split}-{bucket:06d}-{job.prefix}.arrow"
+                            writers[bucket] = pa.ipc.new_file(Path(job.work) / name, table.schema)
+                        writers[bucket].write_table(table.slice(start, stop - start))
+                offset += batch.num_rows
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def gather_pairs(job: GatherJob, progress: tuple = (None, None)) -> int:
+    """Assemble each bucket's pairs from its files (both sides of every pair are there) and write them."""
     from tqdm.auto import tqdm
 
-    cfg = job.cfg
     desc, total = progress
     bar = tqdm(total=total, desc=desc, unit="pair", disable=desc is None or (total or 0) < 100_000)
-    rows_out = {}
-    for split, (files, good_all, bad_all, good_reward, bad_reward) in job.splits.items():
-        writer = ShardWriter(Path(job.tmp) / "pairs", split, cfg, job.prefix)
-        units = work_units([(f, None, pq.ParquetFile(f).metadata.num_rows) for f in files])
-        for start in range(0, len(good_all), PAIRS_PER_READ):
-            good, bad = good_all[start : start + PAIRS_PER_READ], bad_all[start : start + PAIRS_PER_READ]
-            rows = np.unique(np.concatenate([good, bad]))
-            text = read_rows(units, rows, ["uid", PROMPT_KEY, cfg.response_key], cfg.batch_rows)
-            writer.write(pair_table(text, cfg, np.searchsorted(rows, good), np.searchsorted(rows, bad),
-                                    good_reward[start : start + PAIRS_PER_READ],
-                                    bad_reward[start : start + PAIRS_PER_READ]))  # fmt: skip
-            bar.update(len(good))
-        writer.close()
-        rows_out[f"pairs_{split}"] = writer.rows
+    writer = ShardWriter(Path(job.tmp) / "pairs", job.split, job.cfg, f"{job.prefix}late-")
+    for bucket, good, bad, good_reward, bad_reward in job.buckets:
+        files = sorted(Path(job.work).glob(f"{job.split}-{bucket:06d}-*.arrow"))
+        parts = []
+        for file in files:
+            with pa.memory_map(str(file)) as source:
+                parts.append(pa.ipc.open_file(source).read_all())
+        rows = pa.concat_tables(parts)
+        positions = rows.column("position").to_numpy()
+        order = np.argsort(positions)
+        at_good = order[np.searchsorted(positions[order], good)]
+        at_bad = order[np.searchsorted(positions[order], bad)]
+        writer.write(pair_table(rows, job.cfg, at_good, at_bad, good_reward, bad_reward))
+        del rows, parts
+        for file in files:
+            file.unlink()
+        bar.update(len(good))
+    writer.close()
     bar.close()
-    return rows_out
+    return writer.rows
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -893,20 +936,40 @@ def main(argv: list[str] | None = None) -> dict:
                     good, bad = good[~done], bad[~done]
                 else:
                     good, bad = choose_pairs(index.prompt_keys, rewards, keep, cfg)
-                shares = [{} for _ in range(num_proc)]
+                # pass 3, as a join that reads the rl shards once: (a) each process streams its share of the
+                # rl row groups and appends every paired row to its pair's bucket file, (b) each bucket of
+                # PAIRS_PER_BUCKET pairs is assembled from its files and written
+                work = tmp / ".pairs-work"
+                work.mkdir()
+                scatter_jobs, gather_jobs = [], []
                 for split, held_out in (("train", False), ("eval", True)):
-                    in_split = keep & (is_eval == held_out)
-                    position = np.cumsum(in_split) - 1  # row -> index in the split's concatenated rl shards
-                    mine = is_eval[good] == held_out
-                    files = prepared_shards(tmp, "rl", split)
-                    for k, share in enumerate(split_evenly(np.flatnonzero(mine), num_proc)):
-                        g, b = good[share], bad[share]
-                        shares[k][split] = (files, position[g], position[b], rewards[g], rewards[b])
-                pair_jobs = [PairsJob(cfg, str(tmp), f"{prefixes[k]}late-", share)
-                             for k, share in enumerate(shares) if share and len(good)]  # fmt: skip
-                for result in run_jobs(write_pairs, pair_jobs, pool, "pairs", len(good)) if pair_jobs else []:
-                    for key, value in result.items():
-                        rows_out[key] = rows_out.get(key, 0) + value
+                    mine = np.flatnonzero(is_eval[good] == held_out)
+                    if not len(mine):
+                        continue
+                    position = np.cumsum(keep & (is_eval == held_out)) - 1  # row -> index in the split's rl
+                    g, b = position[good[mine]], position[bad[mine]]
+                    g_reward, b_reward = rewards[good[mine]], rewards[bad[mine]]
+                    bucket = np.arange(len(mine)) // PAIRS_PER_BUCKET
+                    rows = np.concatenate([g, b])
+                    by_row = np.argsort(rows)
+                    rows, row_bucket = rows[by_row], np.concatenate([bucket, bucket])[by_row]
+                    units = work_units([(f, None, 0) for f in prepared_shards(tmp, "rl", split)])
+                    for k, part in enumerate(split_evenly(units, num_proc)):
+                        lo, hi = np.searchsorted(rows, [part[0][2], part[-1][2] + part[-1][3]])
+                        scatter_jobs.append(ScatterJob(cfg, str(work), f"w{k:03d}", split, part, rows[lo:hi],
+                                                       row_bucket[lo:hi]))  # fmt: skip
+                    cuts = [
+                        slice(i * PAIRS_PER_BUCKET, (i + 1) * PAIRS_PER_BUCKET) for i in range(bucket[-1] + 1)
+                    ]
+                    for k, share in enumerate(split_evenly(list(enumerate(cuts)), num_proc)):
+                        buckets = [(i, g[c], b[c], g_reward[c], b_reward[c]) for i, c in share]
+                        gather_jobs.append(GatherJob(cfg, str(tmp), str(work), prefixes[k], split, buckets))
+                run_shared(scatter_pair_rows, scatter_jobs, pool, num_proc - 1)
+                for job, pairs in zip(
+                    gather_jobs, run_shared(gather_pairs, gather_jobs, pool, num_proc - 1), strict=True
+                ):
+                    rows_out[f"pairs_{job.split}"] += pairs
+                shutil.rmtree(work)
                 seconds["pairs"] = time.time() - started - sum(seconds.values())
             if "rl" not in views:
                 shutil.rmtree(tmp / "rl")
