@@ -648,7 +648,8 @@ def run_shared(function, jobs: list, pool, workers: int) -> list:
 
 
 def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
-    """Pass 2 over this job's rows: clean responses, drop too-long rows, write the rl and sft shards.
+    """Pass 2 over this job's rows: clean responses, drop too-long rows, write the rl and sft shards and the
+    pairs whose two rows are in one batch.
 
     Returns rows written per view and split, the global indices of the rows too long to keep, and which of
     `job.pairs` were written (logged data keeps a prompt's responses together, so most pairs are)."""
