@@ -93,23 +93,24 @@ def test_preference_file_without_chosen_is_refused(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_dpo_from_sft_widens_held_out_margin(tmp_path, sft_setup):
-    sft_dir, data = sft_setup["model"], sft_setup["data"]
+def test_dpo_from_sft_widens_held_out_margin(tmp_path, sft_demo_setup):
+    # from the demo's well-trained SFT model, with the demo's DPO settings (beta 0.5, lr 5e-5, 40 steps)
+    sft_dir, data = sft_demo_setup["model"], sft_demo_setup["data"]
     result = dpo.main(["--model_name_or_path", sft_dir, "--train_data", data["pairs_train"], "--eval_data",
                        data["pairs_eval"], "--output_dir", str(tmp_path / "dpo"), "--max_steps", "40",
                        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-                       "--learning_rate", "5e-5", "--beta", "0.5", "--eval_strategy", "no",
-                       *FAST[:-4], "--max_length", "256", "--seed", "0"])  # fmt: skip
+                       "--learning_rate", "5e-5", "--lr_scheduler_type", "cosine", "--beta", "0.5",
+                       "--eval_strategy", "no", *FAST[:-4], "--max_length", "256", "--seed", "0"])  # fmt: skip
     before, after = result["eval_rewards/margins_before"], result["eval_rewards/margins"]
     print(f"eval margin {before:.3f} -> {after:.3f}; accuracy -> {result['eval_rewards/accuracies']:.3f}")
     assert before == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
-    assert after > 0.4 and result["eval_rewards/accuracies"] > 0.85  # measured: 0.78 and 0.95
-    held_out = sft_setup["held_out"]
+    # measured: margin 0 -> 1.08, accuracy 0.994 (1.08-1.13 and 0.988-0.994 over SFT seeds 0/1 x DPO seeds 0/1)
+    assert after > 0.8 and result["eval_rewards/accuracies"] > 0.95
+    held_out = sft_demo_setup["held_out"]
     sft_rate = greedy_pass_rate(*load_for_generation(sft_dir), held_out)
     dpo_rate = greedy_pass_rate(*load_for_generation(str(tmp_path / "dpo")), held_out)
     print(f"held-out greedy pass@1: SFT {sft_rate:.3f} -> DPO {dpo_rate:.3f}")
-    # Measured 0.46 -> 0.35. The issue asks for no drop; on this task it is not met by any setting tried
-    # (sigmoid, IPO, APO-zero, RPO, beta 0.1-0.5, lr 2e-5-2e-4: 0.35-0.44). The pairs teach the operation,
-    # while held-out failures are constants the tiny model cannot copy from the prompt, and any update
-    # perturbs that copying. This guards against collapse only; see issue 7's note.
-    assert dpo_rate >= sft_rate - 0.15
+    # Measured 0.827 -> 0.827 (seed 0). Over SFT seeds 0/1 x DPO seeds 0/1: 0.827 -> 0.827, 0.827 and
+    # 0.808 -> 0.827, 0.827. From an under-trained SFT model (the `sft_setup` fixture, 0.46) DPO fell to 0.35:
+    # the pairs teach the operation, not the constant copying such a model has not learned yet.
+    assert dpo_rate >= sft_rate, (sft_rate, dpo_rate)
