@@ -35,15 +35,16 @@ SFT_NUM_PROBLEMS = 520
 @pytest.fixture(scope="session")
 def sft_task(tmp_path_factory):
     """The random 4-layer tiny model the SFT fixtures start from, and the synthetic task's 520 problems exported
-    in every shape: {"tiny": model dir, "data": {name: parquet}, "held_out": [the 52 held-out problems]}."""
+    in every shape: {"tiny": model dir, "data": {name: parquet}, "train_problems": [the 468 others],
+    "held_out": [the 52 held-out problems]}."""
     from pipeline.tasks.synthetic import export_task, generate_problems, split_problems
     from pipeline.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("sft_task")
     model = make_tiny_model(root / "tiny", seed=0, hidden_size=128, num_layers=4, intermediate_size=512)
     data = export_task(root / "data", num_problems=SFT_NUM_PROBLEMS, seed=0, responses_per_problem=2)
-    _, held_out = split_problems(generate_problems(SFT_NUM_PROBLEMS, 0), 0.1, 0)
-    return {"tiny": str(model), "data": data, "held_out": held_out}
+    train, held_out = split_problems(generate_problems(SFT_NUM_PROBLEMS, 0), 0.1, 0)
+    return {"tiny": str(model), "data": data, "train_problems": train, "held_out": held_out}
 
 
 def _sft(sft_task, out, *flags) -> dict:
@@ -55,6 +56,7 @@ def _sft(sft_task, out, *flags) -> dict:
     return {
         "model": str(out),
         "data": sft_task["data"],
+        "train_problems": sft_task["train_problems"],
         "held_out": sft_task["held_out"],
         "common": SFT_COMMON,
     }

@@ -16,7 +16,7 @@ from pipeline.stages import prepare, rm
 COMMON = ["--bf16", "false", "--gradient_checkpointing", "false", "--dtype", "float32", "--report_to", "none",
           "--eval_strategy", "no", "--save_strategy", "no", "--per_device_train_batch_size", "16",
           "--max_length", "256", "--seed", "0", "--logging_steps", "10"]  # fmt: skip
-ACCURACY_STEPS = 200
+RM_STEPS = 600
 
 
 def run_rm(model, train, out, *flags, eval_data=None):
@@ -25,11 +25,25 @@ def run_rm(model, train, out, *flags, eval_data=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir, task_data):
-    out = tmp_path_factory.mktemp("rm") / "rm"
-    metrics = run_rm(tiny_model_dir, task_data["pairs_train"], out, "--max_steps", str(ACCURACY_STEPS),
-                     "--learning_rate", "3e-3", eval_data=task_data["pairs_eval"])  # fmt: skip
-    return out, metrics
+def trained(tmp_path_factory, sft_demo_setup):
+    """The InstructGPT recipe on the synthetic task: the reward model starts from the (demo) SFT model and
+    trains on the 468 train problems' pairs plus one "other constant" pair each (`constant_negatives=1`),
+    600 steps with Adam's beta2 at 0.95; evaluated on the 52 held-out problems' own 156 pairs (~1 min).
+
+    Held-out accuracy over seeds 0-5 (measured): 0.981, 0.963, 0.963, 0.994, 0.969, 0.925. Each ingredient
+    matters: with beta2 0.999, seed 0 stalls at 0.83 (training accuracy stuck near 0.75: the constant
+    comparison is never learned); without the extra pairs, seed 1 gets 0.92 with beta2 0.95 and 0.85-0.88
+    with 0.999 (400-800 steps)."""
+    from pipeline.tasks.synthetic import preference_rows
+
+    root = tmp_path_factory.mktemp("rm")
+    train = root / "pairs_train.parquet"
+    rows = preference_rows(sft_demo_setup["train_problems"], constant_negatives=1, seed=0)
+    pq.write_table(pa.Table.from_pylist(rows), train)
+    metrics = run_rm(sft_demo_setup["model"], train, root / "rm", "--max_steps", str(RM_STEPS),
+                     "--learning_rate", "3e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+                     "--adam_beta2", "0.95", eval_data=sft_demo_setup["data"]["pairs_eval"])  # fmt: skip
+    return root / "rm", metrics
 
 
 def pair_wins(folder, rows) -> list[bool]:
@@ -56,12 +70,12 @@ def other_constant(row) -> bool:
     return chosen == rejected
 
 
-def test_reward_model_ranks_held_out_pairs(trained, task_data):
+def test_reward_model_ranks_held_out_pairs(trained, sft_demo_setup):
     out, metrics = trained
     before, after = metrics["eval_accuracy_before"], metrics["eval_accuracy"]
-    # a random head ranks about half the pairs right (0.43 here); after training most held-out pairs are right
-    # (0.79-0.83 measured over two seeds)
-    assert after >= 0.75 and after > before + 0.25, metrics
+    # the new random head ranks about half the held-out pairs right (0.62 here); after training >= 0.9 of
+    # them (0.93-0.99 over six seeds, see `trained`)
+    assert after >= 0.9 and after > before + 0.25, metrics
     assert metrics["eval_margin"] > metrics["eval_margin_before"] + 1.0, metrics
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and info["stage"] == "rm"
@@ -73,14 +87,15 @@ def test_reward_model_ranks_held_out_pairs(trained, task_data):
     assert config["pad_token_id"] is not None
     assert rm.check_reward_model_dir(str(out)) == str(out)
     # independent check from the reloaded folder (batched, padded): the same accuracy as the trainer's eval
-    rows = pq.read_table(task_data["pairs_eval"]).to_pylist()
+    rows = pq.read_table(sft_demo_setup["data"]["pairs_eval"]).to_pylist()
     wins = pair_wins(out, rows)
     assert sum(wins) / len(wins) == pytest.approx(after, abs=0.03)
-    # a wrong operation or function is ranked right >= 90% of the time (0.96-0.98 measured). A constant off by
-    # one (a third of the pairs) needs the model to match a number in the code against the prompt's, which
-    # this 2-layer model learns slowly (about 0.6 after 200 steps); that is why the overall bar is 0.75
+    # both kinds of wrong solution are ranked: a wrong operation or function, and (a third of the pairs) a
+    # constant off by one, which takes matching the code's number against the prompt's
+    constant = [w for w, r in zip(wins, rows, strict=True) if other_constant(r)]
     structural = [w for w, r in zip(wins, rows, strict=True) if not other_constant(r)]
-    assert len(structural) >= 40 and sum(structural) / len(structural) >= 0.9
+    assert len(constant) >= 40 and sum(constant) / len(constant) >= 0.75  # 0.77-0.98 over six seeds
+    assert len(structural) >= 100 and sum(structural) / len(structural) >= 0.95  # 0.98-1.0
 
 
 def test_check_reward_model_dir_refuses_non_reward_models(tmp_path, tiny_model_dir, trained):

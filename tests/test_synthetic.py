@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.sandbox import run_many, run_tests, strip_code_fence
 from pipeline.tasks import synthetic
 from pipeline.tasks.synthetic import (
@@ -106,6 +107,31 @@ def test_sft_and_preference_rows():
         assert row["chosen"] == [{"role": "assistant", "content": p.solution}]
         assert row["rejected"][0]["role"] == "assistant"
         assert row["rejected"][0]["content"] in p.wrong_solutions
+
+
+def test_other_constant_negatives():
+    import re
+
+    problems = generate_problems(26, seed=0)  # every template twice
+    base = preference_rows(problems)
+    rows = preference_rows(problems, constant_negatives=2, seed=3)
+    assert rows == preference_rows(problems, constant_negatives=2, seed=3)  # seeded
+    assert rows != preference_rows(problems, constant_negatives=2, seed=4)
+    assert len(rows) == len(base) + 2 * len(problems) and all(r in rows for r in base)
+    by_id = {p.task_id: p for p in problems}
+    extra = [r for r in rows if r not in base]
+    for row in extra:
+        p = by_id[row["task_id"]]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen == p.solution and rejected != chosen and rejected not in p.wrong_solutions
+        # the same code with another constant; the header keeps the problem's (def add_37(x):)
+        assert rejected.split("\n")[0] == chosen.split("\n")[0]
+        assert re.sub(r'\d+|"[a-z]"', "C", rejected) == re.sub(r'\d+|"[a-z]"', "C", chosen)
+        constants = [re.findall(r'\d+|"[a-z]"', side.split("\n")[1]) for side in (chosen, rejected)]
+        assert constants[0] != constants[1] and len(constants[0]) == len(constants[1]) >= 1
+    # the other constant is wrong: executing it fails at least one input where the reference is right
+    failures = run_many([(r["rejected"][0]["content"], by_id[r["task_id"]].tests) for r in extra])
+    assert sum(res.fraction < 1 for res in failures) >= 0.9 * len(extra)
 
 
 def test_coderl_rewards_come_from_execution():
@@ -236,3 +262,12 @@ def test_cli(tmp_path, capsys):
         synthetic.main(["--help"])
     assert exc.value.code == 0
     assert "synthetic-data" in capsys.readouterr().out
+    # other-constant pairs go to pairs_train only; the eval pairs stay the task's own
+    more = tmp_path / "more"
+    synthetic.main(["--output_dir", str(more), "--num_problems", "10", "--responses_per_problem", "1",
+                    "--eval_fraction", "0.2", "--constant_negatives", "2", "--seed", "1"])  # fmt: skip
+    train, held = synthetic.split_problems(generate_problems(10, seed=1), 0.2, seed=1)
+    assert pq.read_table(more / "pairs_train.parquet").to_pylist() == preference_rows(train, 2, seed=1)
+    assert pq.read_table(more / "pairs_eval.parquet").to_pylist() == preference_rows(held)
+    with pytest.raises(PipelineError, match="constant_negatives must be >= 0, got -1"):
+        synthetic.main(["--output_dir", str(more), "--constant_negatives", "-1"])

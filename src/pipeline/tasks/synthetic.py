@@ -35,6 +35,7 @@ __all__ = [
     "corpus_text",
     "sft_rows",
     "preference_rows",
+    "other_constant_solutions",
     "coderl_rows",
     "export_task",
     "main",
@@ -55,6 +56,7 @@ class Problem:
     wrong_solutions: list[str]
     tests: list[str]
     template: str = field(default="")
+    param: Any = None  # the template's constant or letter (37 in add_37)
 
 
 # --------------------------------------------------------------------------------------------- templates
@@ -153,6 +155,7 @@ _TEMPLATES: tuple[_Template, ...] = (
 )  # fmt: skip
 
 TEMPLATE_NAMES: tuple[str, ...] = tuple(t.name for t in _TEMPLATES)
+_TEMPLATES_BY_NAME = {t.name: t for t in _TEMPLATES}
 MAX_PROBLEMS = sum(len(t.params) for t in _TEMPLATES)
 
 
@@ -215,7 +218,7 @@ def _make_problem(task_id: str, tpl: _Template, p: Any, rng: random.Random) -> P
     if len(kept_wrong) < 2:
         raise RuntimeError(f"template {tpl.name!r} with parameter {p!r} yields fewer than 2 wrong solutions")
     tests = [f"assert {name}({_literal(x)}) == {_literal(ref_fn(x))}" for x in inputs]
-    return Problem(task_id, prompt, name, solution, kept_wrong, tests, template=tpl.name)
+    return Problem(task_id, prompt, name, solution, kept_wrong, tests, template=tpl.name, param=p)
 
 
 def generate_problems(num_problems: int, seed: int = 0) -> list[Problem]:
@@ -287,18 +290,41 @@ def sft_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
     return [{"messages": _user(p.prompt) + _assistant(p.solution), "task_id": p.task_id} for p in problems]
 
 
-def preference_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
-    """TRL conversational preference rows: one per wrong solution (reference chosen, wrong rejected)."""
-    return [
-        {
-            "prompt": _user(p.prompt),
-            "chosen": _assistant(p.solution),
-            "rejected": _assistant(w),
-            "task_id": p.task_id,
-        }
-        for p in problems
-        for w in p.wrong_solutions
-    ]
+def other_constant_solutions(problem: Problem, count: int, rng: random.Random) -> list[str]:
+    """`count` wrong solutions that are the reference with another of its template's constants in the body
+    (`return x + 52` under `def add_37(x):`); the function name keeps the problem's constant."""
+    tpl = _TEMPLATES_BY_NAME[problem.template]
+    header = problem.solution.split("\n", 1)[0]
+    candidates = [f"{header}\n    return {tpl.fill(tpl.body, q)}" for q in tpl.params if q != problem.param]
+    candidates = [c for c in candidates if c not in problem.wrong_solutions]  # new wrong solutions only
+    return rng.sample(candidates, min(count, len(candidates)))
+
+
+def preference_rows(
+    problems: Sequence[Problem], constant_negatives: int = 0, seed: int = 0
+) -> list[dict[str, Any]]:
+    """TRL conversational preference rows: one per wrong solution (reference chosen, wrong rejected), plus
+    `constant_negatives` per problem whose rejected side has another constant (`other_constant_solutions`).
+
+    Those extra pairs are hard negatives for reward models: a third of the task's own wrong solutions differ
+    from the reference only in a constant off by one, and ranking them means checking the body's constant
+    against the prompt's. Seeded per problem, so a problem's pairs do not depend on the others."""
+    rows = []
+    for p in problems:
+        wrong = list(p.wrong_solutions)
+        if constant_negatives:
+            rng = random.Random(f"constants:{seed}:{p.task_id}")
+            wrong += other_constant_solutions(p, constant_negatives, rng)
+        for w in wrong:
+            rows.append(
+                {
+                    "prompt": _user(p.prompt),
+                    "chosen": _assistant(p.solution),
+                    "rejected": _assistant(w),
+                    "task_id": p.task_id,
+                }
+            )
+    return rows
 
 
 def coderl_rows(
@@ -365,11 +391,16 @@ def export_task(
     seed: int = 0,
     eval_fraction: float = 0.1,
     responses_per_problem: int = 4,
+    constant_negatives: int = 0,
 ) -> dict[str, str]:
     """Write SFT, preference and code-RL parquet files (train/eval split by problem).
 
-    Returns ``{"sft_train": path, ...}`` for the six files.
+    `constant_negatives` adds that many "other constant" pairs per problem to `pairs_train` (see
+    `preference_rows`); `pairs_eval` always holds the task's own pairs. Returns ``{"sft_train": path, ...}``
+    for the six files.
     """
+    if constant_negatives < 0:
+        raise ValueError(f"constant_negatives must be >= 0, got {constant_negatives}")
     import pyarrow as pa
 
     out = Path(output_dir)
@@ -401,7 +432,11 @@ def export_task(
         rl_rows = [r for r in rl_all if r["task_id"] in ids]
         for stem, rows, schema in (
             (f"sft_{split}", sft_rows(probs), sft_schema),
-            (f"pairs_{split}", preference_rows(probs), pairs_schema),
+            (
+                f"pairs_{split}",
+                preference_rows(probs, constant_negatives if split == "train" else 0, seed),
+                pairs_schema,
+            ),
             (f"coderl_{split}", rl_rows, coderl_schema),
         ):
             path = out / f"{stem}.parquet"
@@ -440,6 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=4,
         help="code-RL responses sampled per problem (default: 4)",
     )
+    parser.add_argument(
+        "--constant_negatives",
+        type=int,
+        default=0,
+        help="extra train pairs per problem whose rejected solution is the reference with another constant "
+        "(hard negatives that teach a reward model to check the code's constant against the prompt's); "
+        "the eval pairs stay the task's own (default: 0)",
+    )
     args = parser.parse_args(argv)
     try:
         written = export_task(
@@ -448,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             eval_fraction=args.eval_fraction,
             responses_per_problem=args.responses_per_problem,
+            constant_negatives=args.constant_negatives,
         )
     except ValueError as err:  # out-of-range arguments: one line, exit 2
         raise PipelineError(str(err)) from None
