@@ -138,6 +138,8 @@ def test_killed_run_resumes_without_recomputing(tmp_path, prepared, tiny_model_d
         proc.returncode,
     )  # killed after the first part, before the last
     assert not (out / "manifest.json").exists()
+    # the part a killed writer had begun (the kill above leaves one only when it lands mid-write)
+    (out / f".train-part-{total - 1:05d}.parquet.tmp-999999").write_bytes(b"PAR1 half written")
     run_logp(prepared, tiny_model_dir, out, "--part_rows", "1")
     for name, mtime in done.items():
         assert (out / name).stat().st_mtime_ns == mtime  # finished parts were not recomputed

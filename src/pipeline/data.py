@@ -149,6 +149,17 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, **kwargs) -> 
     return path
 
 
+def remove_stale_temp_files(folder: str | os.PathLike, name_glob: str) -> list[str]:
+    """Remove the temporary files (`.NAME.tmp-PID`, see `write_parquet_atomic`) that a killed run left in
+    `folder` for outputs named like `name_glob`. Call it only while nothing else writes there."""
+    removed = []
+    for tmp in sorted(Path(folder).glob(f".{name_glob}.tmp-*")):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `path`, on error it is removed.

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.configs import parse_stage_args
-from pipeline.data import prepared_shards, sha256_file, write_parquet_atomic
+from pipeline.data import prepared_shards, remove_stale_temp_files, sha256_file, write_parquet_atomic
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 from pipeline.training import check_model_dir
@@ -316,6 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{output_dir} holds logps of another job ({', '.join(changed)} differ); "
                 "use another --output_dir or --tag, or delete it"
             )
+    if state.is_main_process and output_dir.is_dir():
+        # parts a killed run was writing; every rank is still before the barrier below, so none is ours
+        stale = remove_stale_temp_files(output_dir, "*-part-*.parquet")
+        if stale:
+            logger.info("logp: removed %d unfinished part files of an earlier run", len(stale))
     state.wait_for_everyone()
     if state.is_main_process:
         atomic_write_text(job_path, json.dumps(job, indent=2) + "\n")
