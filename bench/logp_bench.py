@@ -1,7 +1,7 @@
 """Reference-logp throughput and peak memory: ours (token-budget batches, chunked lm_head) vs naive.
 
     .venv/bin/python bench/logp_bench.py                 # CPU: a small random Qwen2 (vocab 32k), ~1 min
-    python bench/logp_bench.py --shape qwen0.5b           # GPU: the Qwen2.5-0.5B shape of shared/bench/anchor_gpu.py
+    python bench/logp_bench.py --shape qwen0.5b           # GPU: the Qwen2.5-0.5B shape (`build` below)
 
 Naive = right-padded batches of `--naive_batch` rows, full `[batch, seq, vocab]` fp32 log_softmax, gather.
 Ours  = `pipeline.scoring`: length-sorted batches within a token budget, hidden states of response positions

@@ -6,7 +6,7 @@ One model (the offline tiny-model kit at a chosen size), one dataset (the synthe
 messages, and the same problems' code-RL rows prepared and scored by `pipeline logp`), the same batch size
 and step count; each variant runs in this process, one after the other. Tokens/s counts non-padding input
 tokens (`num_input_tokens_seen`) over the training time. On a CPU machine this checks the machinery and
-gives ratios; the GPU targets of the IPS issue need a GPU run (`--device_note` records where it ran).
+gives ratios; the GPU targets of the IPS issue need a GPU run.
 """
 
 from __future__ import annotations

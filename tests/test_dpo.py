@@ -91,6 +91,13 @@ def test_preference_file_without_chosen_is_refused(tmp_path, tiny_model_dir):
         dpo.main(["--model_name_or_path", str(tiny_model_dir), "--train_data", str(bad), "--output_dir",
                   str(tmp_path / "out"), *FAST])  # fmt: skip
     assert not (tmp_path / "out").exists()
+    # a recipe's data_path next to a train_data flag: refused, not silently preferred; '' drops it
+    with pytest.raises(PipelineError, match="data_path and train_data/eval_data are both set"):
+        dpo.main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(tmp_path), "--train_data",
+                  str(bad), "--output_dir", str(tmp_path / "out"), *FAST])  # fmt: skip
+    with pytest.raises(PipelineError, match=r"bad.parquet.*'chosen'"):
+        dpo.main(["--model_name_or_path", str(tiny_model_dir), "--data_path", "", "--train_data", str(bad),
+                  "--output_dir", str(tmp_path / "out"), *FAST])  # fmt: skip
 
 
 def test_dpo_from_sft_widens_held_out_margin(tmp_path, sft_demo_setup):

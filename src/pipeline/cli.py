@@ -1,4 +1,4 @@
-"""`pipeline <stage> ...`: the single entry point. Dispatches by stage name to `stages/<stage>.py`.
+"""`pipeline <stage> ...`: the single entry point. Dispatches by stage name to the module named in `STAGES`.
 
 Stage modules are imported lazily so `pipeline --help` answers without importing torch.
 """

@@ -1,6 +1,6 @@
 """DPO stage: a thin wrapper around TRL's `DPOTrainer`, with the reference taken from our logp stage if asked.
 
-    pipeline dpo --config recipes/demo/dpo.yaml [--loss_type sigmoid,sft --beta 0.1 ...]
+    pipeline dpo --config recipes/demo/dpo.yaml [--loss_type sigmoid sft --loss_weights 1.0 1.0 --beta 0.1 ...]
     pipeline dpo --config recipes/demo/dpo.yaml --data_path runs/demo/prepare --ref_logps_dir runs/demo/logp
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml -m pipeline.cli dpo --config ...
 
@@ -18,7 +18,7 @@ The reference, one of:
   same stored logps serve IPS. The logp manifest must match this run's tokenizer, `max_length` and
   reference model, and each response's token count must equal its stored logps' (else a one-line error).
 
-Every TRL loss is available by name (`loss_type`, a comma list with `loss_weights` for mixtures). TRL logs
+Every TRL loss is available by name (`loss_type`, a list with `loss_weights` for mixtures). TRL logs
 rewards/chosen, rewards/rejected, rewards/margins and rewards/accuracies; run.json holds eval loss, margin
 and accuracy before and after training.
 """
@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import get_peft_config, get_quantization_config
 
     check_model_dir(model_args.model_name_or_path)
+    if training_args.data_path and (data_args.train_data or data_args.eval_data):
+        raise PipelineError(
+            "data_path and train_data/eval_data are both set, and data_path (a prepare output) would be trained "
+            "on; keep one (`--data_path ''` drops a recipe's data_path)"
+        )
     if training_args.ref_logps_dir and not training_args.data_path:
         raise PipelineError("ref_logps_dir needs data_path (the prepare output the logps were computed on)")
     if training_args.ref_logps_dir and training_args.ref_model_name_or_path is None and model_args.use_peft:

@@ -1,6 +1,6 @@
 """Report stage: every run's metrics in one CSV, figures, a LaTeX table and a Markdown summary.
 
-    pipeline report runs/sweep --x train_size --metrics pass@1 eval_reward --baseline SFT=0.46
+    pipeline report runs/sweep --x train_size --metrics pass@1 eval_reward --baseline pass@1:SFT=0.46
     pipeline report runs/a runs/b --output_dir runs/report --group_by stage,loss_type
 
 Every `run.json` under the given folders is read (recursively; a folder that is itself a stage's output
