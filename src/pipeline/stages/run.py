@@ -20,6 +20,7 @@ A pipeline file (YAML):
         recipe: recipes/demo/dpo.yaml
         args: {model_name_or_path: "${sft.output_dir}", max_train_samples: "${train_size}"}
         launch: {config_file: accelerate_configs/deepspeed_zero2.yaml, num_processes: 8}   # optional
+        after: [sft]                       # optional: runs after (and reruns with) stages it does not reference
 
 `${name.field}` is that stage's resolved argument (a stage's output becomes the next one's input);
 `${field}` is a sweep value or one of the file's `vars:` (which `--set VAR=VALUE` overrides), `${run_dir}`
