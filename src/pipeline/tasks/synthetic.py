@@ -173,12 +173,17 @@ def _compile_fn(code: str, name: str) -> Callable[..., Any]:
     return ns[name]
 
 
+def _code(tpl: _Template, p: Any, expr: str) -> str:
+    """The two-line function of template `tpl` with parameter `p` (its name) returning `expr`."""
+    return f"def {tpl.fill(tpl.func, p)}({tpl.arg}):\n    return {expr}"
+
+
 def _make_problem(task_id: str, tpl: _Template, p: Any, rng: random.Random) -> Problem:
     name = tpl.fill(tpl.func, p)
     signature = f"{name}({tpl.arg})"
     prompt = f"Write a function {signature} that {tpl.fill(tpl.prompt, p)}"
-    solution = f"def {signature}:\n    return {tpl.fill(tpl.body, p)}"
-    wrong = list(dict.fromkeys(f"def {signature}:\n    return {tpl.fill(w, p)}" for w in tpl.wrong))
+    solution = _code(tpl, p, tpl.fill(tpl.body, p))
+    wrong = list(dict.fromkeys(_code(tpl, p, tpl.fill(w, p)) for w in tpl.wrong))
     ref_fn = _compile_fn(solution, name)
     wrong_fns = [_compile_fn(w, name) for w in wrong]
 
@@ -293,9 +298,8 @@ def sft_rows(problems: Sequence[Problem]) -> list[dict[str, Any]]:
 def other_constant_solutions(problem: Problem, count: int, rng: random.Random) -> list[str]:
     """`count` wrong solutions that are the reference with another of its template's constants in the body
     (`return x + 52` under `def add_37(x):`); the function name keeps the problem's constant."""
-    tpl = _TEMPLATES_BY_NAME[problem.template]
-    header = problem.solution.split("\n", 1)[0]
-    candidates = [f"{header}\n    return {tpl.fill(tpl.body, q)}" for q in tpl.params if q != problem.param]
+    tpl, p = _TEMPLATES_BY_NAME[problem.template], problem.param
+    candidates = [_code(tpl, p, tpl.fill(tpl.body, q)) for q in tpl.params if q != p]
     candidates = [c for c in candidates if c not in problem.wrong_solutions]  # new wrong solutions only
     return rng.sample(candidates, min(count, len(candidates)))
 
