@@ -8,7 +8,8 @@
 # RSPKEY: response column (must be the one the logps scored). DATAFILTER: none | posonly | negonly.
 # Knobs (environment): bsz (per device, 4), gacc (gradient accumulation, 8), lr (in 1e-6: lr=10 is 1e-5;
 # default 1), gpu (processes per node), kl (0.5), ml (max tokens, 2000), proj (W&B project; unset: no W&B),
-# numepoch (3), out (output folder), dryrun=1 (print the command); multi-node: WORKER_NUM, NODE_RANK,
+# numepoch (3), out (output folder; default DATAPATH_TAG_ips_REWARDKEY_DATAFILTER_lrLR_klKL_bsBSZxGACC_mlML_epN,
+# so runs with other knobs never resume each other), dryrun=1 (print the command); multi-node: WORKER_NUM, NODE_RANK,
 # MASTER_ADDR, MASTER_PORT, NUM_GPUS (see scripts/_launch.sh).
 # ds: the distributed setup by name (default zero2) — zero2 | zero3 | zero3_offload | fsdp2 | ddp |
 # single_gpu | multi_node, or a path to a DeepSpeed .json / accelerate .yaml. Each name is a file pair in
@@ -32,7 +33,7 @@ bf16=false; if [ "$ON_CPU" = 0 ]; then bf16=true; fi
 run_or_print "${LAUNCH[@]}" -m pipeline.cli ips \
   --data_path "$datapath" --model_name_or_path "$modelpath" --ref_tag "$tag" \
   --logp_dir "${datapath}_${tag}_logp" \
-  --output_dir "${out:-${datapath}_${tag}_ips_${rewardkey}_${datafilter}}" \
+  --output_dir "${out:-${datapath}_${tag}_ips_${rewardkey}_${datafilter}_lr${lr:-1}_kl${kl:-0.5}_bs${bsz:-4}x${gacc:-8}_ml${ml:-2000}_ep${numepoch:-3}}" \
   --reward_key "$rewardkey" --response_key "$rspkey" --datafilter "$datafilter" \
   --per_device_train_batch_size "${bsz:-4}" --gradient_accumulation_steps "${gacc:-8}" \
   --learning_rate "${lr:-1}e-6" --kl_coef "${kl:-0.5}" --max_length "${ml:-2000}" \

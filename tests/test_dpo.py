@@ -1,6 +1,9 @@
 """`pipeline dpo`: stored reference logps give TRL's own first-step loss; DPO from SFT widens the held-out
 margin; bad preference files and mismatched logps are refused in one line."""
 
+import math
+import shutil
+
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
@@ -69,8 +72,6 @@ def test_stored_logps_of_another_length_are_refused(tmp_path, tiny_model_dir, pr
 
 
 def test_pairs_whose_rows_are_missing_are_refused(tmp_path, tiny_model_dir, prepared_with_logps):
-    import shutil
-
     data, _ = prepared_with_logps
     broken = tmp_path / "broken"
     shutil.copytree(data, broken)
@@ -121,3 +122,40 @@ def test_dpo_from_sft_widens_held_out_margin(tmp_path, sft_demo_setup):
     # 0.808 -> 0.827, 0.827. From an under-trained SFT model (the `sft_setup` fixture, 0.46) DPO fell to 0.35:
     # the pairs teach the operation, not the constant copying such a model has not learned yet.
     assert dpo_rate >= sft_rate, (sft_rate, dpo_rate)
+
+
+@pytest.mark.parametrize("ld_alpha", [None, "0.5"], ids=["sigmoid", "sigmoid-ld_alpha"])
+def test_stored_logps_at_lr_0_give_log_2(tmp_path, tiny_model_dir, prepared_with_logps, ld_alpha):
+    # policy == reference and no update: every pair's loss is -log σ(0) = log 2, whatever TRL option weights the
+    # tokens (LD-DPO weights the reference's tokens past the shorter response as the policy's)
+    data, logps = prepared_with_logps
+    flags = ["--ld_alpha", ld_alpha] if ld_alpha else []
+    result = dpo.main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--ref_logps_dir",
+                       str(logps), "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--learning_rate", "0",
+                       "--per_device_train_batch_size", "8", "--eval_strategy", "no", *FAST, *flags])  # fmt: skip
+    assert first_losses(result) == pytest.approx([math.log(2)] * 2, abs=1e-5)
+    assert result["logp_contract"]["bound"] is True
+
+
+def test_options_stored_logps_cannot_honour_are_refused(tmp_path, tiny_model_dir, prepared_with_logps):
+    data, logps = prepared_with_logps
+    common = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--ref_logps_dir", str(logps),
+              "--output_dir", str(tmp_path / "o"), *FAST]  # fmt: skip
+    with pytest.raises(
+        PipelineError, match=r"sync_ref_model=True cannot be honoured with stored reference logps"
+    ):
+        dpo.main([*common, "--sync_ref_model", "true"])
+    with pytest.raises(PipelineError, match=r"truncation_mode=keep_end cannot be honoured"):
+        dpo.main([*common, "--truncation_mode", "keep_end"])
+    with pytest.raises(PipelineError, match=r"another dtype \(float32 there, bfloat16 here\)"):
+        dpo.main([*common, "--dtype", "bfloat16"])
+    broken = tmp_path / "nan_logps"
+    shutil.copytree(logps, broken)
+    part = sorted(broken.glob("train-part-*.parquet"))[0]
+    table = pq.read_table(part)
+    values = table.column("logps").to_pylist()
+    values[2][0] = float("nan")
+    pq.write_table(table.set_column(1, "logps", pa.array(values, pa.list_(pa.float32()))), part)
+    with pytest.raises(PipelineError, match="1 rows hold logps that are not finite"):
+        dpo.main([*common, "--ref_logps_dir", str(broken)])
+    assert not (tmp_path / "o").exists()

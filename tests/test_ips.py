@@ -130,3 +130,166 @@ def test_padding_free_batches_give_the_same_loss(tmp_path, chain, tiny_model_dir
         assert flat["ips/kl"] == pytest.approx(padded["ips/kl"], abs=1e-5)
     with pytest.raises(PipelineError, match="use padding_free"):
         run_ips(chain, tiny_model_dir, tmp_path / "packed", "--packing", "true")
+
+
+# ------------------------------------------------------------------------------------------ the logp contract
+
+
+def store_copy(chain, tmp_path, name="store"):
+    copy = tmp_path / name
+    shutil.copytree(f"{chain / 'prepared'}_ref_logp", copy)
+    return copy
+
+
+def rewrite_logps(store, change):
+    """Apply `change(list of per-token logps) -> list` to every row of every part file (manifest untouched)."""
+    for part in store.glob("*-part-*.parquet"):
+        table = pq.read_table(part)
+        values = pa.array([change(v) for v in table.column("logps").to_pylist()], pa.list_(pa.float32()))
+        pq.write_table(table.set_column(table.schema.get_field_index("logps"), "logps", values), part)
+
+
+def test_logps_of_another_dtype_are_refused_unless_allowed(tmp_path, chain, tiny_model_dir):
+    bf16 = tmp_path / "bf16_logp"
+    logp.main(["--data_path", str(chain / "prepared"), "--model_name_or_path", str(tiny_model_dir),
+               "--max_length", str(MAX_LENGTH), "--dtype", "bfloat16", "--output_dir", str(bf16)])  # fmt: skip
+    out = tmp_path / "o"
+    with pytest.raises(
+        PipelineError, match=r"another dtype \(bfloat16 there, float32 here\).*--dtype float32"
+    ):
+        run_ips(chain, tiny_model_dir, out, "--logp_dir", str(bf16))
+    assert not out.exists()
+    result = run_ips(chain, tiny_model_dir, out, "--logp_dir", str(bf16), "--allow_logp_dtype_mismatch", "true",
+                     "--learning_rate", "0", "--max_steps", "1")  # fmt: skip
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["allow_logp_dtype_mismatch"] is True
+    assert info["metrics"]["logp_contract"]["dtype_mismatch_allowed"] == "bfloat16 there, float32 here"
+    # bf16 rounding shows at step 0, well under the threshold (0.05): on this model 0.01 on average
+    mismatch = result["logp_mismatch"]
+    print("bf16 logps, fp32 policy, step 0:", mismatch)
+    assert 1e-4 < mismatch["mean_abs_log_ratio"] < 0.05 and mismatch["starts_from_reference"] is True
+
+
+def test_logps_of_re_prepared_data_are_refused(tmp_path, chain, tiny_model_dir, task_data):
+    # the same rows prepared again with other responses of the same uids (e.g. another cleaning)
+    table = pq.read_table(task_data["coderl_train"])
+    responses = [r.replace("return", "return ") for r in table.column("unprocessed_response").to_pylist()]
+    column = table.schema.get_field_index("unprocessed_response")
+    pq.write_table(
+        table.set_column(column, "unprocessed_response", pa.array(responses)), tmp_path / "new.parquet"
+    )
+    again = tmp_path / "prepared"
+    prepare.main(["--data_path", str(tmp_path / "new.parquet"), "--output_dir", str(again),
+                  "--tokenizer_name_or_path", str(tiny_model_dir), "--eval_fraction", "0.1"])  # fmt: skip
+    out = tmp_path / "o"
+    with pytest.raises(PipelineError, match=r"another prepared data \(prepare manifest \w+ there, \w+ here; differs "
+                                            r"in config, .*sources\).*pipeline logp --data_path"):  # fmt: skip
+        ips.main(["--data_path", str(again), "--logp_dir", f"{chain / 'prepared'}_ref_logp", "--model_name_or_path",
+                  str(tiny_model_dir), "--output_dir", str(out), "--max_length", str(MAX_LENGTH), *COMMON])  # fmt: skip
+    assert not out.exists()
+
+
+def test_non_finite_logps_are_refused(tmp_path, chain, tiny_model_dir):
+    store = store_copy(chain, tmp_path)
+    part = sorted(store.glob("train-part-*.parquet"))[0]
+    first_uid = pq.read_table(part).column("uid")[0].as_py()
+    table = pq.read_table(part)
+    logps = table.column("logps").to_pylist()
+    logps[0][1] = float("nan")
+    logps[3][0] = float("-inf")
+    pq.write_table(table.set_column(1, "logps", pa.array(logps, pa.list_(pa.float32()))), part)
+    out = tmp_path / "o"
+    with pytest.raises(
+        PipelineError, match=rf"2 rows hold logps that are not finite \(NaN or inf; first uid '{first_uid}'"
+    ):
+        run_ips(chain, tiny_model_dir, out, "--logp_dir", str(store))
+    assert not out.exists()
+
+
+def test_logp_stage_refuses_a_model_that_gives_non_finite_logps(tmp_path, chain, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "broken"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # a broken checkpoint
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
+    out = tmp_path / "logp"
+    with pytest.raises(
+        PipelineError, match=r"logp: \d+ of \d+ rows of train part 0 got logps that are not finite"
+    ):
+        logp.main(["--data_path", str(chain / "prepared"), "--model_name_or_path", str(broken),
+                   "--max_length", str(MAX_LENGTH), "--output_dir", str(out)])  # fmt: skip
+    assert not list(out.glob("*-part-*.parquet")) and not (out / "manifest.json").exists()
+
+
+def test_step_zero_mismatch_is_recorded_and_stops_wrong_logps(tmp_path, chain, tiny_model_dir):
+    # matching fp32 logps: ρ = 1 up to float rounding, recorded in run.json
+    result = run_ips(chain, tiny_model_dir, tmp_path / "ok", "--learning_rate", "0", "--max_steps", "1")
+    recorded = json.loads((tmp_path / "ok" / "run.json").read_text())["metrics"]["logp_mismatch"]
+    assert recorded == result["logp_mismatch"] and recorded["starts_from_reference"] is True
+    assert (
+        recorded["mean_abs_log_ratio"] < 1e-6
+        and recorded["max_abs_log_ratio"] < 1e-5
+        and recorded["tokens"] > 50
+    )
+    assert abs(recorded["k3_kl"]) < 1e-9
+    assert any("logp_mismatch/mean_abs_log_ratio" in h for h in result["log_history"])  # and in the tracker
+    # logps that pass every binding but are wrong (a store edited after the fact): stopped before any update
+    store = store_copy(chain, tmp_path)
+    rewrite_logps(store, lambda values: [v - 0.2 for v in values])
+    out = tmp_path / "bad"
+    with pytest.raises(
+        PipelineError, match=r"step 0: the policy starts from the reference, yet .* by 0.2 per token"
+    ):
+        run_ips(chain, tiny_model_dir, out, "--logp_dir", str(store), "--max_steps", "1")
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and info["metrics"]["logp_mismatch"][
+        "mean_abs_log_ratio"
+    ] == pytest.approx(0.2, abs=1e-4)
+    assert not (out / "model.safetensors").exists()
+    # `none` records and goes on
+    result = run_ips(chain, tiny_model_dir, tmp_path / "none", "--logp_dir", str(store), "--max_steps", "1",
+                     "--logp_mismatch_threshold", "none")  # fmt: skip
+    assert result["logp_mismatch"]["mean_abs_log_ratio"] == pytest.approx(0.2, abs=1e-4)
+
+
+def test_options_that_leave_no_signal_are_refused(tmp_path, chain, tiny_model_dir):
+    # one response per prompt: posonly keeps rewards > 0.75, the prompt mean then takes every one to 0
+    out = tmp_path / "o"
+    with pytest.raises(PipelineError, match=r"train: all \d+ rewards left are 0 .* after reward_key=reward, "
+                                            r"datafilter=posonly \(reward > 0.75\), reward_baseline=prompt_mean"):  # fmt: skip
+        run_ips(chain, tiny_model_dir, out, "--datafilter", "posonly", "--reward_baseline", "prompt_mean")
+    with pytest.raises(
+        PipelineError, match="no rows left to train on after reward_key=reward, datafilter=posonly"
+    ):
+        run_ips(chain, tiny_model_dir, out, "--datafilter", "posonly", "--pos_threshold", "5")
+    assert not out.exists()
+
+
+def test_rerun_with_another_learning_rate_is_not_resumed(tmp_path, chain, tiny_model_dir):
+    out = tmp_path / "o"
+    first = ["--learning_rate", "1e-3", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    run_ips(chain, tiny_model_dir, out, *first)
+    before = (out / "run.json").read_text()
+    with pytest.raises(PipelineError, match=r"holds another run \(learning_rate: 0.001 there, 0.002 here\).*"
+                                            r"another output_dir, or resume_from_checkpoint: false"):  # fmt: skip
+        run_ips(chain, tiny_model_dir, out, "--learning_rate", "2e-3", "--max_steps", "2")
+    assert (out / "run.json").read_text() == before  # the earlier run's record is untouched
+    # the same run (logging and saving settings aside) resumes; resume_from_checkpoint false starts afresh
+    again = run_ips(chain, tiny_model_dir, out, *first, "--logging_steps", "5")
+    assert again["resumed_from"].endswith("checkpoint-2")
+    fresh = run_ips(chain, tiny_model_dir, out, "--learning_rate", "2e-3", "--max_steps", "2",
+                    "--resume_from_checkpoint", "false")  # fmt: skip
+    assert fresh["resumed_from"] is None and fresh["global_step"] == 2
+
+
+def test_train_script_names_its_output_after_the_knobs():
+    env = {**os.environ, "dryrun": "1", "gpu": "0", "lr": "5", "kl": "0.1", "bsz": "2", "gacc": "16", "ml": "1024",
+           "numepoch": "1"}  # fmt: skip
+    env.pop("out", None)
+    cmd = ["bash", str(REPO / "scripts/train.sh"), "d/", "m", "ref", "reward", "unprocessed_response", "none"]
+    words = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert words[words.index("--output_dir") + 1] == "d_ref_ips_reward_none_lr5_kl0.1_bs2x16_ml1024_ep1"

@@ -93,3 +93,25 @@ def test_rho_carries_no_gradient_and_stats():
     assert stats["reward_mean"].item() == pytest.approx(0.25)
     assert stats["policy_loss_pos"].item() > 0 > stats["policy_loss_neg"].item()
     assert grad[1][1] == 0.0  # a masked token gets no gradient
+
+
+def test_topr_truncates_the_sequence_ratio_on_negatives():
+    """TOPR (arXiv 2503.14286): weight 1 on r >= 0; min(1, πθ(y|x)/π_ref(y|x)) on r < 0, the ratio of the
+    whole sequence (the product of the token ratios), the same for every token of the sample."""
+    policy = torch.tensor([[-1.0, -2.0], [-0.4, -1.7], [-0.9, -1.1]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.5], [-1.0, -1.5], [-0.6, -0.6]], dtype=torch.float64)
+    mask, rewards = torch.ones(3, 2), torch.tensor([1.0, -1.0, -0.5], dtype=torch.float64)
+    # log ratios: sample 1 (+0.6, −0.2): sequence e^0.4 > 1 -> 1; sample 2 (−0.3, −0.5): sequence e^−0.8
+    seq = [[1.0, 1.0], [1.0, 1.0], [math.exp(-0.8)] * 2]
+    tok = [[1.0, 1.0], [1.0, math.exp(-0.2)], [math.exp(-0.3), math.exp(-0.5)]]
+    for loss_type, weights, truncated in (("topr", seq, 2 / 6), ("topr_token", tok, 1 / 6)):
+        cfg = IPSLossConfig(loss_type=loss_type, kl_coef=0.0)
+        p = policy.detach().clone().requires_grad_(True)
+        loss, stats = ips_loss(p, ref, mask, rewards, cfg)
+        loss.backward()
+        want = sum(rewards[i].item() * sum(weights[i][t] * -policy[i, t].item() for t in range(2)) / 2
+                   for i in range(3)) / 3  # fmt: skip
+        assert loss.item() == pytest.approx(want, abs=1e-12), loss_type
+        want_grad = [[-rewards[i].item() * weights[i][t] / 2 / 3 for t in range(2)] for i in range(3)]
+        assert p.grad.tolist() == [pytest.approx(row, abs=1e-12) for row in want_grad], loss_type
+        assert stats["clipped_frac"].item() == pytest.approx(truncated), loss_type

@@ -386,3 +386,32 @@ def test_two_worker_processes_write_the_same_rows(tmp_path, tiny_model_dir):
             a = sorted(read(one, view, split), key=lambda r: r[key])
             b = sorted(read(two, view, split), key=lambda r: r[key])
             assert a == b, (view, split)
+
+
+def test_reward_key_named_like_the_output_column(tmp_path):
+    # logs whose reward column is called `reward`, the name prepare writes its transformed reward to
+    rows = [
+        {**r, "reward": r.pop("normalized_reward")} for r in rows_for({"a": [1.0, -1.0, 0.0], "b": [2.0]})
+    ]
+    out, manifest = run(tmp_path, write(tmp_path, rows), "--reward_key", "reward", "--reward_normalize", "zscore",
+                        "--eval_fraction", "0")  # fmt: skip
+    got = {r["uid"]: r for r in all_rl(out)}
+    assert manifest["columns"] == {
+        "reward": "reward",
+        "response": "unprocessed_response",
+        "raw_reward": "raw_reward",
+    }
+    raw = np.array([1.0, -1.0, 0.0, 2.0])
+    for row, value in zip(rows, (raw - raw.mean()) / raw.std(), strict=True):
+        assert got[row["uid"]]["raw_reward"] == row["reward"]  # the input's values, kept under the new name
+        assert got[row["uid"]]["reward"] == pytest.approx(value)  # the transformed ones under the usual name
+    schema = pq.read_schema(next((out / "rl").glob("train-*.parquet")))
+    assert schema.names.count("reward") == 1
+    # both names taken, or an input column the views write: one line each
+    both = [{**r, "raw_reward": 0.0} for r in rows]
+    with pytest.raises(prepare.PipelineError, match="columns 'reward' and 'raw_reward' both exist"):
+        run(tmp_path / "both", write(tmp_path, both, "both.parquet"), "--reward_key", "reward")
+    with pytest.raises(prepare.PipelineError, match="column 'prompt_id' is written by prepare"):
+        pid = write(tmp_path, [{**r, "prompt_id": 1} for r in rows], "pid.parquet")
+        run(tmp_path / "pid", pid, "--reward_key", "reward")
+    assert not (tmp_path / "both").exists() and not (tmp_path / "pid").exists()

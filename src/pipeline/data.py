@@ -203,3 +203,14 @@ def sha256_file(path: str | os.PathLike) -> str:
 def prepared_shards(data_path: str | os.PathLike, view: str, split: str) -> list[str]:
     """The parquet shards of one view and split of a `pipeline prepare` output, in order."""
     return sorted(glob.glob(str(Path(data_path) / view / f"{split}-*.parquet")))
+
+
+def read_prepared_split(
+    data_path: str | os.PathLike, view: str, split: str, columns: list[str]
+) -> pa.Table | None:
+    """One view and split of a `pipeline prepare` output as one table (None when it has no shards)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = prepared_shards(data_path, view, split)
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None

@@ -5,8 +5,10 @@ log πθ(y_t) (with gradient) and stored reference log-probs log π_ref(y_t):
 
     ρ_t      = exp(log πθ(y_t) − log π_ref(y_t))                       (no gradient flows through ρ)
     ρ̃_t      = clip(ρ_t, is_clip_min, is_clip_max)                     loss_type "ips"  (defaults: none, 1.2)
-             = 1 if r_i ≥ 0,  clip(ρ_t, 0, 1) if r_i < 0                loss_type "topr" (arXiv 2503.14286)
-             = 1                                                        loss_type "rwr"  (no importance weight)
+             = 1 if r_i ≥ 0,  min(1, Π_t ρ_t) if r_i < 0                "topr" (arXiv 2503.14286: the sequence
+                                                                        ratio πθ(y|x)/π_ref(y|x), truncated)
+             = 1 if r_i ≥ 0,  min(1, ρ_t) if r_i < 0                    "topr_token" (per-token variant)
+             = 1                                                        "rwr"  (no importance weight)
     L_i      = (1/|y_i|) Σ_t m_t · r_i · ρ̃_t · (−log πθ(y_t))
     KL_i     = (1/|y_i|) Σ_t m_t · k_t,   k1: k_t = log π_ref − log πθ
                                           k3: k_t = ρ_t − 1 − log ρ_t   (ρ_t with gradient here)
@@ -18,7 +20,9 @@ under y ~ π_ref both k1 and k3 are unbiased, and k3 is never negative. (The oth
 log πθ − log π_ref, has a gradient that lowers the likelihood of every logged token without bound when
 minimized on these samples: it is not offered.) The KL term is computed from the same policy log-probs
 as L_i and *then* added, so it reaches the gradient (the original code added it before computing it, so
-it never did). Rows with no response token contribute 0.
+it never did). Rows with no response token contribute 0. TOPR's paper weights −log πθ(y|x), the sequence's
+sum; here every loss takes the per-token mean (1/|y_i|), so TOPR's weights are the paper's and its per-sample
+scale is that of the other losses.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("ips", "topr", "rwr")
+LOSS_TYPES = ("ips", "topr", "topr_token", "rwr")
 KL_ESTIMATORS = ("k1", "k3")
 
 
@@ -42,21 +46,34 @@ class IPSLossConfig:
 
 
 def importance_weights(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, rewards: torch.Tensor, cfg: IPSLossConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ρ̃, ρ) per token, both without gradient. Shapes [B, T]; rewards [B]."""
-    rho = torch.exp(policy_logps.detach() - ref_logps)
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    cfg: IPSLossConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ρ̃, truncated, ρ) per token [B, T], all without gradient: the weight of the loss, where the loss
+    type cut a ratio down (or up), and the plain per-token ratio. mask [B, T]; rewards [B]."""
+    log_rho = (policy_logps.detach() - ref_logps) * mask
+    rho = torch.exp(log_rho)
+    negative = (rewards < 0)[:, None].expand_as(rho)
+    ones = torch.ones_like(rho)
     if cfg.loss_type == "ips":
         unclipped = cfg.is_clip_min is None and cfg.is_clip_max is None
         weight = rho if unclipped else rho.clamp(min=cfg.is_clip_min, max=cfg.is_clip_max)
+        truncated = weight != rho
     elif cfg.loss_type == "topr":
-        negative = (rewards < 0)[:, None]
-        weight = torch.where(negative, rho.clamp(0.0, 1.0), torch.ones_like(rho))
+        sequence = log_rho.sum(1, keepdim=True).expand_as(rho)  # log πθ(y|x) − log π_ref(y|x)
+        weight = torch.where(negative, torch.exp(sequence.clamp(max=0.0)), ones)
+        truncated = negative & (sequence > 0)
+    elif cfg.loss_type == "topr_token":
+        weight = torch.where(negative, rho.clamp(max=1.0), ones)
+        truncated = negative & (rho > 1)
     elif cfg.loss_type == "rwr":
-        weight = torch.ones_like(rho)
+        weight, truncated = ones, torch.zeros_like(negative)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-    return weight, rho
+    return weight, truncated, rho
 
 
 def kl_per_token(policy_logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -78,7 +95,7 @@ def ips_loss(
     """The loss above and per-batch statistics. policy/ref logps and mask: [B, T]; rewards: [B]."""
     mask = mask.to(policy_logps.dtype)
     lengths = mask.sum(1).clamp(min=1)
-    weight, rho = importance_weights(policy_logps, ref_logps, rewards, cfg)
+    weight, truncated, rho = importance_weights(policy_logps, ref_logps, mask, rewards, cfg)
     policy_term = (rewards[:, None] * weight * -policy_logps * mask).sum(1) / lengths
     kl = (kl_per_token(policy_logps, ref_logps, cfg.kl_estimator) * mask).sum(1) / lengths
     kl_weight = cfg.kl_coef * torch.where(rewards < 0, cfg.kl_neg_discount, 1.0).to(policy_logps.dtype)
@@ -88,7 +105,7 @@ def ips_loss(
     with torch.no_grad():
         tokens = mask.bool()
         rho_tokens = rho[tokens] if tokens.any() else torch.zeros(1, device=rho.device)
-        clipped = (weight != rho)[tokens].float() if tokens.any() else torch.zeros(1, device=rho.device)
+        clipped = truncated[tokens].float() if tokens.any() else torch.zeros(1, device=rho.device)
         positive, negative = rewards >= 0, rewards < 0
         stats = {
             "policy_loss": policy_term.mean(),

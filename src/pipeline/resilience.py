@@ -154,6 +154,59 @@ def resolve_resume(args, value: Any = None) -> str | None:
     return setting
 
 
+# Config fields that do not change what is trained (where it is written, logged, evaluated or saved, how
+# data is loaded): a run may be resumed with other values of these. Every other field must match.
+NOT_TRAINING_FIELDS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "dry_run", "merge_lora", "run_name",
+    "project", "trackio_space_id", "report_to", "logging_dir", "logging_strategy", "logging_steps",
+    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+    "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_safetensors",
+    "save_on_each_node", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_data",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "max_eval_samples", "eval_do_concat_batches",
+    "eval_use_gather_object", "prediction_loss_only", "batch_eval_metrics", "include_for_metrics",
+    "metric_for_best_model", "greater_is_better", "load_best_model_at_end", "dataloader_num_workers",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "skip_memory_metrics",
+    "include_num_input_tokens_seen", "include_tokens_per_second", "ddp_timeout", "logp_mismatch_threshold",
+    "local_rank", "ddp_backend", "use_cpu",
+})  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def refuse_resuming_another_run(output_dir: str, stage: str, configs: tuple, resume_value: Any) -> None:
+    """Automatic resume continues only the same run. When `output_dir` holds checkpoints or a finished model
+    of a run whose training-relevant configuration (run.json's `config`, less `NOT_TRAINING_FIELDS`) differs
+    from this run's, stop with one line naming the fields, both values and the two ways on. Call it before
+    anything is written there (run.json is rewritten at the start of a run)."""
+    if resume_setting(resume_value) != "auto":
+        return
+    from pipeline.runinfo import config_dict, read_run_info
+
+    try:
+        previous = read_run_info(output_dir)
+    except ValueError:
+        previous = {"stage": None, "config": {}, "status": "unreadable run.json"}
+    if previous is None:
+        return
+    if not checkpoint_folders(output_dir) and previous.get("status") != "completed":
+        return  # nothing to resume: training starts from scratch
+    old, new = previous.get("config") or {}, config_dict(*configs)
+    differ = [f"stage: {previous.get('stage')} there, {stage} here"] if previous.get("stage") != stage else []
+    differ += [f"{key}: {_shown(old[key])} there, {_shown(new[key])} here" for key in sorted(set(old) & set(new))
+               if key not in NOT_TRAINING_FIELDS and old[key] != new[key]]  # fmt: skip
+    if differ:
+        more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise PipelineError(
+            f"output_dir '{output_dir}' holds another run ({'; '.join(differ[:4])}{more}), which resuming would "
+            "continue under this run's settings; use another output_dir, or resume_from_checkpoint: false to "
+            "start afresh there (its checkpoints are replaced)"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ callback
 
 

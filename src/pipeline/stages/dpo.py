@@ -15,8 +15,11 @@ The reference, one of:
 - `ref_model_name_or_path`: another model folder;
 - `precompute_ref_log_probs: true`: TRL scores the data once with the reference before training;
 - `ref_logps_dir`: the output of `pipeline logp` on `data_path` — no reference forward at all, and the
-  same stored logps serve IPS. The logp manifest must match this run's tokenizer, `max_length` and
-  reference model, and each response's token count must equal its stored logps' (else a one-line error).
+  same stored logps serve IPS. The store must be bound to this run (`pipeline.logp_store`: reference model,
+  tokenizer, `max_length`, compute dtype, the prepared rows), each response's token count must equal its
+  stored logps', and none may be NaN/inf (else a one-line error). The loss is then TRL's with a live
+  reference for every option: `ld_alpha` (LD-DPO) weights the stored per-token logps past the shorter
+  response as TRL weights its own; `sync_ref_model` and `truncation_mode: keep_end` are refused.
 
 Every TRL loss is available by name (`loss_type`, a list with `loss_weights` for mixtures). TRL logs
 rewards/chosen, rewards/rejected, rewards/margins and rewards/accuracies; run.json holds eval loss, margin
@@ -36,9 +39,10 @@ import pyarrow as pa
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from pipeline.configs import DataArguments, parse_stage_args
-from pipeline.data import load_train_eval, prepared_shards
+from pipeline.data import load_train_eval, prepared_shards, read_prepared_split
 from pipeline.errors import PipelineError
-from pipeline.resilience import limit_rows
+from pipeline.logp_store import Expected, check_contract, read_logps, read_store_manifest, training_dtype
+from pipeline.resilience import limit_rows, refuse_resuming_another_run
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
@@ -65,6 +69,11 @@ class DPOStageConfig(DPOConfig):
         default=None,
         metadata={"help": "Reference model folder. Default: the starting model (or LoRA's base)."},
     )
+    allow_logp_dtype_mismatch: bool = field(
+        default=False,
+        metadata={"help": "With ref_logps_dir: accept logps computed in another dtype than this run's (e.g. bf16 "
+                  "logps, fp32 training). Recorded in run.json."},
+    )  # fmt: skip
 
 
 class PipelineDPOTrainer(DPOTrainer):
@@ -87,7 +96,6 @@ def prepared_pairs(args: DPOStageConfig, split: str, tokenizer, logps: dict | No
     import pyarrow.parquet as pq
     from datasets import Dataset
 
-    from pipeline.stages.ips import read_rl_split
     from pipeline.tokenization import parse_prompt, tokenize_prompt_response
 
     files = prepared_shards(args.data_path, "pairs", split)
@@ -95,7 +103,7 @@ def prepared_pairs(args: DPOStageConfig, split: str, tokenizer, logps: dict | No
         return None
     pairs = pa.concat_tables([pq.read_table(f, columns=["chosen_uid", "rejected_uid"]) for f in files])
     response_key = json.loads((Path(args.data_path) / "manifest.json").read_text())["columns"]["response"]
-    rl = read_rl_split(args.data_path, split, ["uid", "prompt_pretokenized", response_key])
+    rl = read_prepared_split(args.data_path, "rl", split, ["uid", "prompt_pretokenized", response_key])
     row_of = {uid: i for i, uid in enumerate(rl.column("uid").to_pylist())}
     prompts, responses = rl.column("prompt_pretokenized").to_pylist(), rl.column(response_key).to_pylist()
     columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
@@ -117,18 +125,57 @@ def prepared_pairs(args: DPOStageConfig, split: str, tokenizer, logps: dict | No
         columns["rejected_ids"].append(rejected.input_ids[rejected.prompt_len :])
         if logps is None:
             continue
-        for uid, sample, key in (
-            (chosen_uid, chosen, "ref_chosen_logps"),
-            (rejected_uid, rejected, "ref_rejected_logps"),
-        ):
+        for uid, sample in ((chosen_uid, chosen), (rejected_uid, rejected)):
             if uid not in logps:
                 raise PipelineError(f"{args.ref_logps_dir}: no stored logps for uid {uid!r} ({split} pairs); "
                                     "run `pipeline logp` on this prepare output")  # fmt: skip
             if len(logps[uid]) != sample.response_len:
                 raise PipelineError(f"uid {uid!r}: {sample.response_len} response tokens here but {len(logps[uid])} "
                                     "stored logps; the logps were made with other tokenization settings")  # fmt: skip
-            columns[key].append(float(np.sum(logps[uid], dtype=np.float64)))
+        shared = min(chosen.response_len, rejected.response_len)
+        for uid, key in ((chosen_uid, "ref_chosen_logps"), (rejected_uid, "ref_rejected_logps")):
+            columns[key].append(reference_sum(logps[uid], shared, args.ld_alpha))
     return Dataset.from_dict(columns)
+
+
+def reference_sum(token_logps: np.ndarray, shared: int, ld_alpha: float | None) -> float:
+    """A response's reference log-prob as TRL's DPO sums its own: all tokens, or with LD-DPO's `ld_alpha` the
+    first `shared` tokens (the shorter response's length) plus ld_alpha × the rest."""
+    values = np.asarray(token_logps, dtype=np.float64)
+    if ld_alpha is None:
+        return float(values.sum())
+    return float(values[:shared].sum() + ld_alpha * values[shared:].sum())
+
+
+def stored_reference_logps(
+    training_args: DPOStageConfig, model_args, tokenizer
+) -> tuple[dict | None, dict | None]:
+    """({uid: per-token logps}, run.json's `logp_contract`) from `ref_logps_dir` once the store is checked
+    against this run and every option is one the stored logps can honour; (None, None) without it."""
+    if not training_args.ref_logps_dir:
+        return None, None
+    from pipeline.tokenization import tokenizer_fingerprint
+
+    if not training_args.data_path:
+        raise PipelineError("ref_logps_dir needs data_path (the prepare output the logps were computed on)")
+    for option, value, why in (
+        ("sync_ref_model", training_args.sync_ref_model, "it updates the reference during training"),
+        ("truncation_mode", training_args.truncation_mode if training_args.truncation_mode != "keep_start" else None,
+         "stored logps cut the response, as the logp stage does, not the prompt's start"),
+    ):  # fmt: skip
+        if value:
+            raise PipelineError(f"ref_logps_dir: {option}={value} cannot be honoured with stored reference logps "
+                                f"({why}); drop it, or use a live reference (no ref_logps_dir)")  # fmt: skip
+    if training_args.ref_model_name_or_path is None and model_args.use_peft:
+        logger.info("dpo: stored logps stand for the reference; the LoRA base is not used as one")
+    logp_dir = Path(training_args.ref_logps_dir)
+    manifest = read_store_manifest(logp_dir, "ref_logps_dir")
+    reference = training_args.ref_model_name_or_path or model_args.model_name_or_path
+    expected = Expected(training_args.data_path, reference, tokenizer_fingerprint(tokenizer),
+                        training_args.max_length, training_dtype(training_args, model_args))  # fmt: skip
+    contract = check_contract(logp_dir, manifest, expected, training_args.allow_logp_dtype_mismatch)
+    training_args.precompute_ref_log_probs = True  # the trainer then reads them from the batch
+    return read_logps(logp_dir), contract
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,24 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             "data_path and train_data/eval_data are both set, and data_path (a prepare output) would be trained "
             "on; keep one (`--data_path ''` drops a recipe's data_path)"
         )
-    if training_args.ref_logps_dir and not training_args.data_path:
-        raise PipelineError("ref_logps_dir needs data_path (the prepare output the logps were computed on)")
-    if training_args.ref_logps_dir and training_args.ref_model_name_or_path is None and model_args.use_peft:
-        logger.info("dpo: stored logps stand for the reference; the LoRA base is not used as one")
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    logps = None
-    if training_args.ref_logps_dir:
-        from pipeline.stages.ips import check_logp_manifest, read_logps
-
-        logp_dir = Path(training_args.ref_logps_dir)
-        if not (logp_dir / "manifest.json").is_file():
-            raise PipelineError(
-                f"ref_logps_dir '{logp_dir}': no manifest.json (not a finished `pipeline logp` output)"
-            )
-        check_logp_manifest(json.loads((logp_dir / "manifest.json").read_text()), logp_dir, training_args,
-                            model_args, tokenizer)  # fmt: skip
-        logps = read_logps(logp_dir)
-        training_args.precompute_ref_log_probs = True  # the trainer then reads them from the batch
+    logps, contract = stored_reference_logps(training_args, model_args, tokenizer)
     if training_args.data_path:
         if not (Path(training_args.data_path) / "manifest.json").is_file():
             raise PipelineError(
@@ -183,10 +214,14 @@ def main(argv: list[str] | None = None) -> dict:
                 source = data_args.train_data if name == "train_data" else data_args.eval_data
                 raise PipelineError(f"{name} '{source}': a preference file needs columns 'chosen' and 'rejected' "
                                     f"(and 'prompt' unless it is implicit); found {dataset.column_names}")  # fmt: skip
+    configs = (data_args, training_args, model_args)
+    refuse_resuming_another_run(
+        training_args.output_dir, "dpo", configs, training_args.resume_from_checkpoint
+    )
     os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
-    run = RunInfo(training_args.output_dir, "dpo", (data_args, training_args, model_args), training_args.seed)
+    run = RunInfo(training_args.output_dir, "dpo", configs, training_args.seed)
     logger.info("dpo: output_dir=%s log=%s; %d train pairs, %s eval pairs", training_args.output_dir, log_path,
                 len(train_dataset), len(eval_dataset) if eval_dataset else 0)  # fmt: skip
     set_seed(training_args.seed)
@@ -219,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {"train_pairs": len(train_dataset), "eval_pairs": len(eval_dataset) if eval_dataset else 0,
                      "reference": "stored logps" if logps is not None else (
                          training_args.ref_model_name_or_path or "starting model")}  # fmt: skip
+    if contract is not None:
+        metrics["logp_contract"] = contract
     return train_evaluate_save(trainer, run, metrics, training_args.output_dir,
                                training_args.resume_from_checkpoint, eval_keys=EVAL_KEYS,
                                merge_lora=data_args.merge_lora)  # fmt: skip

@@ -48,7 +48,7 @@ from trl import GRPOConfig, ModelConfig
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.errors import PipelineError
-from pipeline.resilience import run_training
+from pipeline.resilience import refuse_resuming_another_run, run_training
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
@@ -292,10 +292,13 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
             )
     disable_eval_without_data(stage, training_args, eval_dataset)
 
+    configs = (data_args, reward_args, training_args, model_args)
+    refuse_resuming_another_run(
+        training_args.output_dir, stage, configs, training_args.resume_from_checkpoint
+    )
     os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
-    configs = (data_args, reward_args, training_args, model_args)
     run = RunInfo(training_args.output_dir, stage, configs, training_args.seed)
     log.info("%s: output_dir=%s log=%s", stage, training_args.output_dir, log_path)
     set_seed(training_args.seed)

@@ -21,7 +21,6 @@ mean, response tokens/s.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,20 +30,31 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from pipeline.configs import StageOptions, parse_stage_args
-from pipeline.data import prepared_shards
+from pipeline.data import read_prepared_split
 from pipeline.errors import PipelineError
+from pipeline.logp_store import (
+    Expected,
+    check_contract,
+    model_fingerprint,
+    read_logps,
+    read_store_manifest,
+    training_dtype,
+)
 from pipeline.losses import IPSLossConfig, ips_loss
-from pipeline.resilience import dry_run_reference_logps
+from pipeline.resilience import dry_run_reference_logps, refuse_resuming_another_run
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.scoring import chunked_token_logps
 from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, train_evaluate_save
 
 logger = logging.getLogger("pipeline.ips")
+NO_SIGNAL = 1e-8  # rewards this close to 0 train nothing
+# the first batch's mean |log πθ − log π_ref| per token above which a run that starts from its reference stops;
+# measured on CPU (README, "logp contract"): 0 with fp32 logps, 0.002-0.01 with bf16 ones, 0.5 with stale ones
+LOGP_MISMATCH_THRESHOLD = 0.05
 
 
 @dataclass
@@ -68,13 +78,28 @@ class IPSConfig(SFTConfig, StageOptions):
     reward_baseline: Literal["none", "prompt_mean"] = field(
         default="none", metadata={"help": "prompt_mean: subtract the mean reward of the prompt's responses."}
     )
-    loss_type: Literal["ips", "topr", "rwr"] = field(default="ips", metadata={"help": "See pipeline.losses."})
+    loss_type: Literal["ips", "topr", "topr_token", "rwr"] = field(
+        default="ips",
+        metadata={"help": "ips: clipped per-token ratio; topr: sequence ratio truncated at 1 on negative rewards "
+                  "(arXiv 2503.14286); topr_token: the per-token variant; rwr: no ratio. See pipeline.losses."},
+    )  # fmt: skip
     is_clip_min: float | None = field(default=None, metadata={"help": "Lower clip of ρ (ips). Default none."})
     is_clip_max: float | None = field(default=1.2, metadata={"help": "Upper clip of ρ (ips)."})
     kl_coef: float = field(default=0.5, metadata={"help": "Weight of the KL term."})
     kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "Per-token KL estimate."})
     kl_neg_discount: float = field(default=0.5, metadata={"help": "KL weight factor for negative rewards."})
     skip_missing: bool = field(default=False, metadata={"help": "Skip rows without stored logps (counted)."})
+    allow_logp_dtype_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Train on stored logps computed in another dtype than this run's (e.g. bf16 logps, fp32 "
+                  "training): ρ is then off by the rounding of the other dtype. Recorded in run.json."},
+    )  # fmt: skip
+    logp_mismatch_threshold: float | None = field(
+        default=LOGP_MISMATCH_THRESHOLD,
+        metadata={"help": "Before the first update, the first batch's mean |log πθ − log π_ref| per response "
+                  "token is measured (run.json: logp_mismatch). When the policy starts from the reference it "
+                  "should be ~0; above this value the run stops. none: record only."},
+    )  # fmt: skip
     lm_head_chunk: int = field(default=1024, metadata={"help": "Response tokens per lm_head chunk."})
 
     def __post_init__(self):
@@ -88,43 +113,6 @@ class IPSConfig(SFTConfig, StageOptions):
 # ------------------------------------------------------------------------------------------ data
 
 
-def read_rl_split(data_path: str, split: str, columns: list[str]) -> pa.Table | None:
-    files = prepared_shards(data_path, "rl", split)
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
-
-
-def read_logps(logp_dir: Path) -> dict[str, np.ndarray]:
-    parts = sorted(logp_dir.glob("*-part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(p, columns=["uid", "logps"]) for p in parts])
-    return dict(
-        zip(
-            table.column("uid").to_pylist(), table.column("logps").to_numpy(zero_copy_only=False), strict=True
-        )
-    )
-
-
-def check_logp_manifest(manifest: dict, logp_dir: Path, args: IPSConfig, model_args: ModelConfig, tokenizer):
-    """Refuse logps that would misalign with this run's tokens or come from another reference model."""
-    from pipeline.stages.logp import model_fingerprint
-    from pipeline.tokenization import tokenizer_fingerprint
-
-    problems = []
-    if manifest.get("tokenizer_fingerprint") is None:
-        logger.warning(
-            "ips: %s was imported without a tokenizer record; token alignment is checked per row", logp_dir
-        )
-    elif manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        problems.append("tokenizer")
-    if manifest.get("max_length") not in (None, args.max_length):
-        problems.append(f"max_length ({manifest['max_length']} there, {args.max_length} here)")
-    ref = args.ref_model_name_or_path or model_args.model_name_or_path
-    if manifest.get("model_fingerprint") not in (None, model_fingerprint(ref)):
-        problems.append(f"reference model (not {ref})")
-    if problems:
-        raise PipelineError(f"{logp_dir}: logps were computed with another {', '.join(problems)}; "
-                            "recompute them with `pipeline logp` for this setting")  # fmt: skip
-
-
 def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, response_key: str,
                   dry_run_model: str | None = None):  # fmt: skip
     """Rows of the rl view joined with their logps, filtered, baselined and tokenized.
@@ -134,8 +122,8 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, re
 
     from pipeline.tokenization import parse_prompt, tokenize_prompt_response
 
-    table = read_rl_split(args.data_path, split, ["uid", "prompt_pretokenized", response_key, args.reward_key,
-                                                   "prompt_id"])  # fmt: skip
+    columns = ["uid", "prompt_pretokenized", response_key, args.reward_key, "prompt_id"]
+    table = read_prepared_split(args.data_path, "rl", split, columns)
     if table is None:
         return None, {}
     if logps is None:
@@ -163,7 +151,11 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, re
             rewards[members] -= rewards[members].mean()
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
-        raise PipelineError(f"{split}: no rows left to train on (counts: {counts})")
+        raise PipelineError(
+            f"{split}: no rows left to train on after {reward_options(args)} (counts: {counts})"
+        )
+    if split == "train" and np.all(np.abs(rewards[rows]) <= NO_SIGNAL):
+        raise PipelineError(no_signal_message(args, table, rows))
     prompts = [parse_prompt(p) for p in table.column("prompt_pretokenized").take(pa.array(rows)).to_pylist()]
     responses = table.column(response_key).take(pa.array(rows)).to_pylist()
     samples = tokenize_prompt_response(tokenizer, prompts, responses, args.max_length)
@@ -180,6 +172,37 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, re
         "reward": rewards[rows].tolist(),
     })  # fmt: skip
     return dataset, counts
+
+
+def reward_options(args: IPSConfig) -> str:
+    """The options that decide which rows and rewards are trained on, as the user set them."""
+    said = [f"reward_key={args.reward_key}"]
+    if args.datafilter != "none":
+        said.append(f"datafilter={args.datafilter}"
+                    + (f" (reward > {args.pos_threshold})" if args.datafilter == "posonly" else " (reward <= 0)"))  # fmt: skip
+    if args.reward_baseline != "none":
+        said.append(f"reward_baseline={args.reward_baseline}")
+    return ", ".join(said)
+
+
+def no_signal_message(args: IPSConfig, table: pa.Table, rows: np.ndarray) -> str:
+    """Every reward left is 0: say which options did it and how to get a signal back."""
+    raw = table.column(args.reward_key).take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.float64)
+    if args.reward_baseline == "prompt_mean" and np.any(np.abs(raw) > NO_SIGNAL):
+        why = ("reward_baseline=prompt_mean subtracted each prompt's mean from rewards that are equal within every "
+               "prompt" + (f" once datafilter={args.datafilter} kept only rows with " + (
+                   f"reward > {args.pos_threshold}" if args.datafilter == "posonly" else "reward <= 0")
+                   if args.datafilter != "none" else ""))  # fmt: skip
+        fix = "drop reward_baseline" + (" or datafilter" if args.datafilter != "none" else "")
+    else:
+        why, fix = (
+            f"the column '{args.reward_key}' is 0 on every row kept",
+            "use another reward_key or datafilter",
+        )
+    return (
+        f"train: all {len(rows)} rewards left are 0 (within {NO_SIGNAL:g}) after {reward_options(args)}: {why}; "
+        f"the loss would learn nothing. {fix[0].upper()}{fix[1:]}"
+    )
 
 
 class IPSCollator:
@@ -230,7 +253,8 @@ class IPSCollator:
 class IPSTrainer(SFTTrainer):
     """TRL's SFTTrainer (model loading, PEFT, DeepSpeed, logging) with the IPS loss."""
 
-    def __init__(self, *args, loss_config: IPSLossConfig, lm_head_chunk: int, **kwargs):
+    def __init__(self, *args, loss_config: IPSLossConfig, lm_head_chunk: int, mismatch: MismatchCheck,
+                 **kwargs):  # fmt: skip
         # Two SFTConfig fields mean something else here and SFTTrainer validates them at init: `loss_type`
         # (TRL knows nll/dft; ours is in `loss_config`) and `padding_free` (TRL refuses a custom collator
         # with it; our collator implements it). Show SFTTrainer values it accepts, then put ours back.
@@ -242,7 +266,7 @@ class IPSTrainer(SFTTrainer):
         finally:
             for key, value in ours.items():
                 setattr(config, key, value)
-        self.loss_config, self.lm_head_chunk = loss_config, lm_head_chunk
+        self.loss_config, self.lm_head_chunk, self.mismatch = loss_config, lm_head_chunk, mismatch
         self._tokens, self._clock = 0, time.time()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -261,8 +285,10 @@ class IPSTrainer(SFTTrainer):
         policy = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).index_put(
             (samples, cols), flat
         )
-        loss, stats = ips_loss(policy, inputs["ref_logps"], mask, inputs["reward"], self.loss_config)
         mode = "train" if model.training else "eval"
+        if mode == "train" and not self.mismatch.done:
+            self.check_start_mismatch(policy.detach(), inputs["ref_logps"], mask)
+        loss, stats = ips_loss(policy, inputs["ref_logps"], mask, inputs["reward"], self.loss_config)
         for key, value in stats.items():
             if torch.isfinite(value):
                 self._metrics[mode][f"ips/{key}"].append(value.item())
@@ -272,8 +298,86 @@ class IPSTrainer(SFTTrainer):
             self._metrics[mode]["ips/response_tokens_per_s"].append(self._tokens / max(elapsed, 1e-9))
         return (loss, out) if return_outputs else loss
 
+    def check_start_mismatch(self, policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> None:
+        """Before the first update: how far the policy's log-probs of its first batch (all ranks) are from the
+        stored ones. Recorded in run.json and the tracker; when the policy starts from the reference, where
+        ρ = 1 on every token, a mean |log ρ| above the threshold stops the run."""
+        check = self.mismatch
+        check.done = True
+        if self.state.global_step > 0:
+            check.record.update(
+                skipped=f"resumed at step {self.state.global_step}: the policy is not the reference"
+            )
+            return
+        log_ratio = (policy - ref)[mask]
+        local = torch.stack([log_ratio.abs().sum(), (torch.exp(log_ratio) - 1 - log_ratio).sum(),
+                             log_ratio.new_tensor(float(log_ratio.numel())),
+                             log_ratio.abs().max() if log_ratio.numel() else log_ratio.new_zeros(())]).double()  # fmt: skip
+        every = self.accelerator.gather(local[None]).reshape(-1, 4)
+        tokens = max(float(every[:, 2].sum()), 1.0)
+        stats = {"mean_abs_log_ratio": float(every[:, 0].sum()) / tokens, "max_abs_log_ratio": float(every[:, 3].max()),
+                 "k3_kl": float(every[:, 1].sum()) / tokens, "tokens": int(tokens)}  # fmt: skip
+        check.record.update(stats)
+        for key in ("mean_abs_log_ratio", "max_abs_log_ratio", "k3_kl"):
+            self._metrics["train"][f"logp_mismatch/{key}"].append(stats[key])
+        logger.info("ips: step-0 logp mismatch over %d tokens: mean |log ρ| %.3g, max %.3g, k3 KL %.3g",
+                    stats["tokens"], stats["mean_abs_log_ratio"], stats["max_abs_log_ratio"], stats["k3_kl"])  # fmt: skip
+        threshold = check.record.get("threshold")
+        if check.starts_from_reference and threshold is not None and stats["mean_abs_log_ratio"] > threshold:
+            raise PipelineError(
+                f"step 0: the policy starts from the reference, yet its log-probs of the first batch differ from "
+                f"the stored ones by {stats['mean_abs_log_ratio']:.3g} per token on average (max "
+                f"{stats['max_abs_log_ratio']:.3g}; logp_mismatch_threshold {threshold:g}), where they should agree; "
+                "the stored logps do not belong to this model, data or precision: recompute them with `pipeline "
+                "logp`, or raise logp_mismatch_threshold (none: record only)"
+            )
+
+
+@dataclass
+class MismatchCheck:
+    """The step-0 check's setting and outcome (`record` is run.json's `logp_mismatch`)."""
+
+    starts_from_reference: bool
+    record: dict
+    done: bool = False
+
+
+def starts_from_reference(model_dir: str, reference: str, reference_fingerprint: str | None) -> bool:
+    """Whether the policy's starting weights are the reference's (the same folder or the same files)."""
+    if os.path.realpath(model_dir) == os.path.realpath(reference):
+        return True
+    try:
+        return reference_fingerprint is not None and model_fingerprint(model_dir) == reference_fingerprint
+    except PipelineError:  # an adapter folder: not the reference's files
+        return False
+
 
 # ------------------------------------------------------------------------------------------ main
+
+
+def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[dict | None, str, dict]:
+    """(logps by uid, the response column, run.json's `logp_contract`) once the store is checked against
+    this run (`pipeline.logp_store.check_contract`). A dry run scores its own reference with the tiny model."""
+    from pipeline.tokenization import tokenizer_fingerprint
+
+    logp_dir = Path(args.logp_dir or f"{args.data_path.rstrip('/')}_{args.ref_tag}_logp")
+    manifest = read_store_manifest(logp_dir, "logp_dir")
+    response_key = args.response_key or manifest.get("response_column", "unprocessed_response")
+    if manifest.get("response_column") not in (None, response_key):
+        raise PipelineError(f"response_key '{response_key}' differs from the column the logps scored "
+                            f"('{manifest['response_column']}')")  # fmt: skip
+    if args.dry_run:
+        return (
+            None,
+            response_key,
+            {"logp_dir": str(logp_dir), "dry_run": "reference scored by the tiny model"},
+        )
+    reference = args.ref_model_name_or_path or model_args.model_name_or_path
+    expected = Expected(args.data_path, reference, tokenizer_fingerprint(tokenizer), args.max_length,
+                        training_dtype(args, model_args))  # fmt: skip
+    contract = check_contract(logp_dir, manifest, expected, args.allow_logp_dtype_mismatch)
+    contract["model_fingerprint"] = manifest.get("model_fingerprint")
+    return read_logps(logp_dir), response_key, contract
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -292,21 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise PipelineError(
             "packing is not available for ips; use padding_free: true (no compute on padding)"
         )
-    logp_dir = Path(args.logp_dir or f"{args.data_path.rstrip('/')}_{args.ref_tag}_logp")
-    if not (logp_dir / "manifest.json").is_file():
-        raise PipelineError(
-            f"{logp_dir}: no finished logp run (manifest.json missing); run `pipeline logp` first"
-        )
-    manifest = json.loads((logp_dir / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    if not args.dry_run:  # a dry run's tiny model scores its own reference logps (build_dataset)
-        check_logp_manifest(manifest, logp_dir, args, model_args, tokenizer)
-    response_key = args.response_key or manifest.get("response_column", "unprocessed_response")
-    if manifest.get("response_column") not in (None, response_key):
-        raise PipelineError(f"response_key '{response_key}' differs from the column the logps scored "
-                            f"('{manifest['response_column']}')")  # fmt: skip
-
-    logps = None if args.dry_run else read_logps(logp_dir)
+    logps, response_key, contract = stored_logps(args, model_args, tokenizer)
     reference = args.ref_model_name_or_path or model_args.model_name_or_path
     train_dataset, counts = build_dataset(args, "train", tokenizer, logps, response_key, reference)
     if train_dataset is None:
@@ -315,8 +406,14 @@ def main(argv: list[str] | None = None) -> dict:
     counts.update({f"eval_{k}": v for k, v in eval_counts.items()})
     if eval_dataset is None and args.eval_strategy != "no":
         args.eval_strategy = "no"
+    mismatch = MismatchCheck(
+        starts_from_reference(model_args.model_name_or_path, reference, contract.get("model_fingerprint")),
+        {"threshold": args.logp_mismatch_threshold},
+    )
+    mismatch.record["starts_from_reference"] = mismatch.starts_from_reference
 
     # every check passed: only now is anything written
+    refuse_resuming_another_run(args.output_dir, "ips", (args, model_args), args.resume_from_checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(args.output_dir)
     setup_tracking(args.report_to, args.output_dir)
@@ -327,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     quantization_config = get_quantization_config(model_args)
     args.model_init_kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
                               **(args.model_init_kwargs or {})}  # fmt: skip
+    loss_config = IPSLossConfig(args.loss_type, args.is_clip_min, args.is_clip_max, args.kl_coef,
+                                args.kl_estimator, args.kl_neg_discount)  # fmt: skip
     trainer = IPSTrainer(
         model=model_args.model_name_or_path,
         args=args,
@@ -337,18 +436,13 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=get_peft_config(model_args),
         quantization_config=quantization_config,
         callbacks=[metrics_logging_callback(logging.getLogger("pipeline.ips.metrics"))],
-        loss_config=IPSLossConfig(
-            args.loss_type,
-            args.is_clip_min,
-            args.is_clip_max,
-            args.kl_coef,
-            args.kl_estimator,
-            args.kl_neg_discount,
-        ),  # fmt: skip
+        loss_config=loss_config,
         lm_head_chunk=args.lm_head_chunk,
+        mismatch=mismatch,
     )
     if quantization_config is not None:
         keep_bnb_4bit_trainable_on_cpu(trainer.model)
     metrics: dict = {f"train_{k}" if not k.startswith("eval_") else k: v for k, v in counts.items()}
+    metrics.update(logp_contract=contract, logp_mismatch=mismatch.record)
     return train_evaluate_save(trainer, run, metrics, args.output_dir, args.resume_from_checkpoint,
                                merge_lora=args.merge_lora)  # fmt: skip

@@ -17,7 +17,6 @@ manifest is written last, after every uid was checked to be present exactly once
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,23 +31,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.configs import parse_stage_args
-from pipeline.data import prepared_shards, remove_stale_temp_files, sha256_file, write_parquet_atomic
+from pipeline.data import prepared_shards, remove_stale_temp_files, write_parquet_atomic
 from pipeline.errors import PipelineError
+from pipeline.logp_store import (
+    LOGP_SCHEMA,
+    SCHEMA_VERSION,
+    model_fingerprint,
+    nonfinite_rows,
+    prepare_manifest_sha256,
+)
 from pipeline.runinfo import atomic_write_text
 from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.logp")
-SCHEMA_VERSION = 1
 JOB_FILE = "job.json"
-LOGP_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("logps", pa.list_(pa.float32())),
-        ("n_tokens", pa.int32()),
-        ("sum_logp", pa.float64()),
-        ("truncated", pa.bool_()),
-    ]
-)
 
 
 @dataclass
@@ -81,19 +77,6 @@ class LogpConfig:
     import_pickles: str | None = field(
         default=None, metadata={"help": "Convert a folder of old per-rank pickles {uid: logps} instead."}
     )
-
-
-# ------------------------------------------------------------------------------------------ fingerprints
-
-
-def model_fingerprint(model_dir: str) -> str:
-    """Hash of config.json and the weight files: two runs agree only on the very same reference model."""
-    folder = Path(model_dir)
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
-    if not weights or not (folder / "config.json").is_file():
-        raise PipelineError(f"model_name_or_path '{model_dir}' has no config.json or weight files")
-    listing = "".join(f"{p.name}:{sha256_file(p)}\n" for p in sorted([folder / "config.json", *weights]))
-    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ input rows
@@ -298,9 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer_fingerprint": tok_fp,
         "max_length": cfg.max_length,
         "dtype": dtype,
-        "prepare_manifest_sha256": hashlib.sha256(
-            json.dumps(prepare_manifest, sort_keys=True).encode()
-        ).hexdigest(),
+        "prepare_manifest_sha256": prepare_manifest_sha256(prepare_manifest),
         "splits": {s.name: s.total for s in inputs},
         "part_rows": cfg.part_rows,
         # equal to 1e-5 either way, but not bit for bit: parts of one output come from one way of scoring
@@ -347,6 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows = read_rows(split, start, min(split.total, start + cfg.part_rows),
                          ["uid", "prompt_pretokenized", response_key])  # fmt: skip
         part = score_part(model, tokenizer, rows, response_key, cfg)
+        bad, first = nonfinite_rows(part)
+        if bad:  # a broken reference: nothing of it is stored, and the run stops here
+            raise PipelineError(f"logp: {bad} of {part.num_rows} rows of {split.name} part {index} got logps that "
+                                f"are not finite (NaN or inf; first uid {first!r}); check the reference model "
+                                f"'{cfg.model_name_or_path}' (a broken checkpoint?) and its dtype ({dtype})")  # fmt: skip
         write_parquet_atomic(part, part_path(output_dir, split.name, index))
         tokens += pc.sum(part.column("n_tokens")).as_py() or 0
         bar.update(1)

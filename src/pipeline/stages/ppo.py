@@ -67,7 +67,7 @@ from pipeline.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from pipeline.resilience import merge_saved_adapter
+from pipeline.resilience import merge_saved_adapter, refuse_resuming_another_run
 from pipeline.runinfo import RunInfo, setup_logging, setup_tracking
 from pipeline.stages.grpo import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
 from pipeline.tokenization import PromptError, reward_model_input_ids
@@ -554,10 +554,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise PipelineError(
             "ppo: ZeRO-3 and FSDP are not supported (generation needs whole weights); use ZeRO-2"
         )
+    configs = (data_args, reward_args, args, model_args)
+    refuse_resuming_another_run(args.output_dir, "ppo", configs, args.resume_from_checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = setup_logging(args.output_dir)
     setup_tracking(args.report_to, args.output_dir)
-    run = RunInfo(args.output_dir, "ppo", (data_args, reward_args, args, model_args), args.seed)
+    run = RunInfo(args.output_dir, "ppo", configs, args.seed)
     set_seed(args.seed)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else None
     tokenizer, policy, reference, critic = load_models(args, model_args, reward_args, dtype)

@@ -14,7 +14,9 @@ length) → split (by a hash of the prompt, so no prompt is in both splits) → 
 
 Output (`output_dir`, written under a temporary name and renamed when complete):
 - `rl/{train,eval}-NNNNN.parquet`: every input column (response cleaned) + `reward` + `prompt_id` (uint64 hash
-  of the canonical prompt: rows with equal prompts share it);
+  of the canonical prompt: rows with equal prompts share it). An input column named like the output reward
+  (`reward_output_key`, e.g. `--reward_key reward`) is kept as `raw_reward`; the manifest's
+  `columns.raw_reward` names the raw reward's column either way;
 - `sft/{train,eval}-NNNNN.parquet`: `messages` (user, assistant = prefix + response) for rows whose reward
   exceeds `pos_threshold`;
 - `pairs/{train,eval}-NNNNN.parquet`: `prompt`/`chosen`/`rejected` (+ rewards, uids) from responses to the
@@ -171,6 +173,17 @@ def iter_batches(
         yield from (table.select(columns) if columns else table).to_batches(max_chunksize=batch_rows)
 
 
+def raw_column_name(cfg: PrepareConfig) -> str:
+    """Where an input column named like the output reward column (`reward_output_key`) is kept: `raw_<name>`.
+    So `--reward_key reward` works: the transformed reward is `reward`, the raw one `raw_reward`."""
+    return f"raw_{cfg.reward_output_key}"
+
+
+def raw_reward_column(cfg: PrepareConfig) -> str:
+    """The column of the views that holds the input's reward as it came in."""
+    return raw_column_name(cfg) if cfg.reward_key == cfg.reward_output_key else cfg.reward_key
+
+
 def check_schema(path: str, schema: pa.Schema, cfg: PrepareConfig) -> None:
     for column, role in (
         ("uid", "the row id"),
@@ -180,6 +193,18 @@ def check_schema(path: str, schema: pa.Schema, cfg: PrepareConfig) -> None:
     ):
         if column not in schema.names:
             raise PipelineError(f"{path}: missing column '{column}' ({role}); columns are {schema.names}")
+    renamed = raw_column_name(cfg)
+    if cfg.reward_output_key in schema.names and renamed in schema.names:
+        raise PipelineError(f"{path}: columns '{cfg.reward_output_key}' and '{renamed}' both exist, and prepare writes "
+                            f"the reward into '{cfg.reward_output_key}' (keeping the input's as '{renamed}'); "
+                            "set --reward_output_key to a free name")  # fmt: skip
+    taken = {"uid", PROMPT_KEY, cfg.response_key, "prompt_id"}
+    if cfg.reward_output_key in taken:
+        raise PipelineError(f"reward_output_key '{cfg.reward_output_key}' would overwrite the column of that name; "
+                            "choose another")  # fmt: skip
+    if "prompt_id" in schema.names:
+        raise PipelineError(f"{path}: column 'prompt_id' is written by prepare (a hash of the prompt); rename the "
+                            "input's")  # fmt: skip
     reward_type = schema.field(cfg.reward_key).type
     if not (pa.types.is_integer(reward_type) or pa.types.is_floating(reward_type)):
         raise PipelineError(f"{path}: column '{cfg.reward_key}' must be numeric, found {reward_type}")
@@ -698,6 +723,10 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
                     continue
             selected = selected.set_column(selected.schema.get_field_index(cfg.response_key), cfg.response_key,
                                            responses)  # fmt: skip
+            if cfg.reward_output_key in selected.column_names:  # the input's column keeps its values, renamed
+                names = selected.column_names
+                names[names.index(cfg.reward_output_key)] = raw_column_name(cfg)
+                selected = selected.rename_columns(names)
             selected = selected.append_column(cfg.reward_output_key, pa.array(plan.rewards[sl][mask]))
             selected = selected.append_column("prompt_id", pa.array(plan.prompt_keys[sl][mask]))
             a, b = np.searchsorted(first, [sl.start, sl.stop])
@@ -989,7 +1018,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "columns": {
                     "reward": cfg.reward_output_key,
                     "response": cfg.response_key,
-                    "raw_reward": cfg.reward_key,
+                    "raw_reward": raw_reward_column(cfg),
                 },
                 "seconds": round(time.time() - started, 3),
                 "seconds_by_pass": {name: round(value, 3) for name, value in seconds.items()},

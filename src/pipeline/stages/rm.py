@@ -32,6 +32,7 @@ from trl import ModelConfig, RewardConfig
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import FORMATS, load_train_eval, read_json_object, resolve_files
 from pipeline.errors import PipelineError
+from pipeline.resilience import refuse_resuming_another_run
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
@@ -250,10 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
         check_preference_columns(
             eval_dataset.column_names, f"eval data {data_args.eval_data or data_args.dataset_name}"
         )
+    configs = (data_args, training_args, model_args)
+    refuse_resuming_another_run(training_args.output_dir, "rm", configs, training_args.resume_from_checkpoint)
     os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
-    run = RunInfo(training_args.output_dir, "rm", (data_args, training_args, model_args), training_args.seed)
+    run = RunInfo(training_args.output_dir, "rm", configs, training_args.seed)
     logger.info("rm: output_dir=%s log=%s", training_args.output_dir, log_path)
     if view:
         logger.info(

@@ -22,6 +22,7 @@ from trl import ModelConfig, SFTConfig
 
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
+from pipeline.resilience import refuse_resuming_another_run
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     check_model_dir,
@@ -46,10 +47,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_dir(model_args.model_name_or_path)
     # data problems are reported before anything is written
     train_dataset, eval_dataset = load_train_eval(data_args, training_args.seed)
+    configs = (data_args, training_args, model_args)
+    refuse_resuming_another_run(
+        training_args.output_dir, "sft", configs, training_args.resume_from_checkpoint
+    )
     os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
-    run = RunInfo(training_args.output_dir, "sft", (data_args, training_args, model_args), training_args.seed)
+    run = RunInfo(training_args.output_dir, "sft", configs, training_args.seed)
     logger.info("sft: output_dir=%s log=%s", training_args.output_dir, log_path)
     set_seed(training_args.seed)
     logger.info(
