@@ -137,7 +137,7 @@ def contract_problems(manifest: dict, expected: Expected) -> list[tuple[str, str
 
 
 def check_contract(
-    logp_dir: str | Path, manifest: dict, expected: Expected, allow_dtype_mismatch: bool
+    logp_dir: str | Path, key: str, manifest: dict, expected: Expected, allow_dtype_mismatch: bool
 ) -> dict:
     """Refuse a store that does not belong to this run; returns what run.json records about it.
 
@@ -152,9 +152,9 @@ def check_contract(
     if refused:
         field, values = refused[0]
         more = f" (also: {', '.join(f for f, _ in refused[1:])})" if len(refused) > 1 else ""
-        hint = " or set allow_logp_dtype_mismatch: true" if field == "dtype" and len(refused) == 1 else ""
-        raise PipelineError(f"{logp_dir}: the stored logps were made with another {field} ({values}){more}; "
-                            f"make the right ones: `{logp_command(expected)}` and point this run at NEW_DIR"
+        hint = " (or pass --allow_logp_dtype_mismatch true)" if field == "dtype" and len(refused) == 1 else ""
+        raise PipelineError(f"{key} '{logp_dir}': the stored logps were made with another {field} ({values}){more}; "
+                            f"make the right ones with `{logp_command(expected)}`, then pass --{key} NEW_DIR"
                             f"{hint}")  # fmt: skip
     record = {"logp_dir": str(logp_dir), "bound": True, "dtype": manifest.get("dtype")}
     if allowed:

@@ -173,7 +173,9 @@ def stored_reference_logps(
     reference = training_args.ref_model_name_or_path or model_args.model_name_or_path
     expected = Expected(training_args.data_path, reference, tokenizer_fingerprint(tokenizer),
                         training_args.max_length, training_dtype(training_args, model_args))  # fmt: skip
-    contract = check_contract(logp_dir, manifest, expected, training_args.allow_logp_dtype_mismatch)
+    contract = check_contract(
+        logp_dir, "ref_logps_dir", manifest, expected, training_args.allow_logp_dtype_mismatch
+    )
     training_args.precompute_ref_log_probs = True  # the trainer then reads them from the batch
     return read_logps(logp_dir), contract
 

@@ -53,7 +53,7 @@ from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, t
 logger = logging.getLogger("pipeline.ips")
 NO_SIGNAL = 1e-8  # rewards this close to 0 train nothing
 # the first batch's mean |log πθ − log π_ref| per token above which a run that starts from its reference stops;
-# measured on CPU (README, "logp contract"): 0 with fp32 logps, 0.002-0.01 with bf16 ones, 0.5 with stale ones
+# measured on CPU (README, "logp contract"): 0 with fp32 logps, 0.0007-0.002 with bf16 ones, 0.5 with stale ones
 LOGP_MISMATCH_THRESHOLD = 0.05
 
 
@@ -375,7 +375,7 @@ def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[d
     reference = args.ref_model_name_or_path or model_args.model_name_or_path
     expected = Expected(args.data_path, reference, tokenizer_fingerprint(tokenizer), args.max_length,
                         training_dtype(args, model_args))  # fmt: skip
-    contract = check_contract(logp_dir, manifest, expected, args.allow_logp_dtype_mismatch)
+    contract = check_contract(logp_dir, "logp_dir", manifest, expected, args.allow_logp_dtype_mismatch)
     contract["model_fingerprint"] = manifest.get("model_fingerprint")
     return read_logps(logp_dir), response_key, contract
 
