@@ -124,16 +124,22 @@ def test_dpo_from_sft_widens_held_out_margin(tmp_path, sft_demo_setup):
     assert dpo_rate >= sft_rate, (sft_rate, dpo_rate)
 
 
-@pytest.mark.parametrize("ld_alpha", [None, "0.5"], ids=["sigmoid", "sigmoid-ld_alpha"])
-def test_stored_logps_at_lr_0_give_log_2(tmp_path, tiny_model_dir, prepared_with_logps, ld_alpha):
-    # policy == reference and no update: every pair's loss is -log σ(0) = log 2, whatever TRL option weights the
-    # tokens (LD-DPO weights the reference's tokens past the shorter response as the policy's)
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], math.log(2)), (["--ld_alpha", "0.5"], math.log(2)), (["--loss_type", "ipo", "--beta", "0.5"], 1.0)],
+    ids=["sigmoid", "sigmoid-ld_alpha", "ipo"],
+)
+def test_stored_logps_at_lr_0_give_the_loss_at_the_reference(
+    tmp_path, tiny_model_dir, prepared_with_logps, flags, expected
+):
+    # policy == reference and no update: every pair's log-ratios are 0, so the sigmoid loss is -log σ(0) = log 2
+    # whatever TRL option weights the tokens (LD-DPO weights the reference's tokens past the shorter response
+    # as the policy's), and IPO's is (0 - 1/(2β))² = 1 at β 0.5
     data, logps = prepared_with_logps
-    flags = ["--ld_alpha", ld_alpha] if ld_alpha else []
     result = dpo.main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--ref_logps_dir",
                        str(logps), "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--learning_rate", "0",
                        "--per_device_train_batch_size", "8", "--eval_strategy", "no", *FAST, *flags])  # fmt: skip
-    assert first_losses(result) == pytest.approx([math.log(2)] * 2, abs=1e-5)
+    assert first_losses(result) == pytest.approx([expected] * 2, abs=1e-5)
     assert result["logp_contract"]["bound"] is True
 
 
