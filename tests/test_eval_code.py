@@ -160,7 +160,11 @@ def test_bad_samples_are_one_line_errors(tmp_path, case):
 @pytest.mark.parametrize(
     ("rows", "pattern"),
     [
-        ([{k: v for k, v in TOY.items() if k != "entry_point"}], r"p\.jsonl:1: missing key 'entry_point'"),
+        (
+            [{k: v for k, v in TOY.items() if k != "entry_point"}],
+            r"p\.jsonl:1: fields \['prompt', 'task_id', 'test'\] match no problem format; accepted: HumanEval "
+            r"\(prompt, test, entry_point\); MBPP",
+        ),
         ([TOY, {**TOY, "prompt": None}], r"p\.jsonl:2: key 'prompt' must be a string"),
         ([TOY, TOY], r"p\.jsonl:2: duplicate task_id 'toy/0'"),
     ],

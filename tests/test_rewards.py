@@ -13,7 +13,6 @@ import pytest
 from pipeline.rewards import (
     code_execution_reward,
     completion_text,
-    humaneval_program,
     humaneval_reward,
     reward_from_fraction,
 )
@@ -157,10 +156,6 @@ def test_humaneval_reward_conversational_with_code_prompt(humaneval):
         "code_prompt": [p["prompt"]] * 4,
     }
     assert humaneval_reward(**kwargs) == [1.0, 0.0, 0.0, None]
-
-
-def test_humaneval_program_format():
-    assert humaneval_program("P", "C", "T", "f") == "PC\nT\ncheck(f)\n"
 
 
 def test_synthetic_task_rewards_use_the_same_mapping_and_executor():

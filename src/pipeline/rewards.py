@@ -13,6 +13,9 @@ Completions are strings (standard format) or message lists (conversational:
 - :func:`humaneval_reward`: columns ``test`` and ``entry_point`` (and ``code_prompt`` for chat prompts).
   The reward is 1.0 if HumanEval's ``check(entry_point)`` passes, else 0.0.
 
+Every verdict is the sandbox checker's: the completion runs in its own process and answers calls with
+plain data, so it cannot forge a pass (:mod:`pipeline.sandbox`).
+
 Pass options with ``functools.partial`` (TRL names the function after the wrapped one):
 ``partial(code_execution_reward, timeout=2.0, workers=8)``.
 """
@@ -22,12 +25,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.sandbox import Limits, run_many, strip_code_fence
+from pipeline.sandbox import HumanEvalTest, Limits, run_many, strip_code_fence
 
 __all__ = [
     "code_execution_reward",
     "completion_text",
-    "humaneval_program",
     "humaneval_reward",
     "reward_from_fraction",
 ]
@@ -55,11 +57,6 @@ def completion_text(completion: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-
-
-def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The program HumanEval runs for one sample; it passes iff it runs to its end."""
-    return prompt + completion + "\n" + test + f"\ncheck({entry_point})\n"
 
 
 def code_execution_reward(
@@ -121,7 +118,7 @@ def humaneval_reward(
                 prefix = prompts[i]
         else:
             body = "\n" + strip_code_fence(completion_text(completions[i]))
-        jobs.append((humaneval_program(prefix or "", body, test[i], entry_point[i]), None))
+        jobs.append(((prefix or "") + body, HumanEvalTest(test[i], entry_point[i], prefix or "")))
         todo.append(i)
     for i, res in zip(todo, run_many(jobs, timeout=timeout, workers=workers, limits=limits), strict=True):
         rewards[i] = 1.0 if res.status == "passed" else 0.0

@@ -2,11 +2,13 @@
 
     pipeline eval-code --samples samples.jsonl --problems HumanEval.jsonl.gz --k 1,10 --timeout 3
 
-The file formats are HumanEval's. Problems (JSON lines, optionally gzipped) have ``task_id``, ``prompt``,
-``test`` and ``entry_point`` (``canonical_solution`` is optional). Samples have ``task_id`` and
-``completion``; the other keys are kept. Each sample runs as ``prompt + completion + "\\n" + test +
-"\\ncheck(entry_point)\\n"`` in a fresh sandbox (:mod:`pipeline.sandbox`). It passes iff that program runs
-to its end. ``<samples>_results.jsonl`` gets every sample with ``passed`` and ``result`` (``passed``,
+Problems are JSON lines (optionally gzipped) with a ``task_id`` and the fields of one sandbox format
+(:mod:`pipeline.sandbox.problems`): HumanEval (``prompt``, ``test``, ``entry_point``), MBPP (``text``,
+``code``, ``test_list``), the synthetic task (``prompt``, ``tests``) or stdin/stdout (``inputs``/``outputs``).
+Samples have ``task_id`` and ``completion``; the other keys are kept. Each sample is loaded by a candidate
+sandbox (HumanEval: ``prompt + completion``) and judged by a separate checker process running the
+problem's tests (:mod:`pipeline.sandbox`): it passes iff every test ran to its end with every call
+answered in plain data. ``<samples>_results.jsonl`` gets every sample with ``passed`` and ``result`` (``passed``,
 ``timed out`` or ``failed: <reason>``). The file is written under a temporary name and renamed when
 complete. The last line on stdout is a JSON object with ``pass@k`` for every k.
 
@@ -27,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.rewards import humaneval_program
 from pipeline.sandbox import ExecResult, Limits, isolation, run_many
+from pipeline.sandbox.problems import check_for, program_for
 
-PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
 SAMPLE_KEYS = ("task_id", "completion")
 
 
@@ -69,10 +70,11 @@ def _require(obj: dict[str, Any], keys: Sequence[str], path: str | os.PathLike, 
 
 
 def load_problems(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """task_id -> problem, checking the keys HumanEval's format requires."""
+    """task_id -> problem, each in one of the sandbox's formats (checked here, one line per problem)."""
     problems: dict[str, dict[str, Any]] = {}
     for lineno, obj in read_jsonl(path, "--problems"):
-        _require(obj, PROBLEM_KEYS, path, lineno)
+        _require(obj, ("task_id",), path, lineno)
+        check_for(obj, f"{path}:{lineno}")
         if obj["task_id"] in problems:
             raise PipelineError(f"{path}:{lineno}: duplicate task_id '{obj['task_id']}'")
         problems[obj["task_id"]] = obj
@@ -160,7 +162,7 @@ def evaluate(
     jobs = []
     for s in samples:
         p = problems[s["task_id"]]
-        jobs.append((humaneval_program(p["prompt"], s["completion"], p["test"], p["entry_point"]), None))
+        jobs.append((program_for(p, s["completion"]), check_for(p)))
     results = run_many(
         jobs,
         timeout=timeout,
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--problems",
         required=True,
-        help="JSON lines (.jsonl or .jsonl.gz) with task_id, prompt, test, entry_point",
+        help="JSON lines (.jsonl or .jsonl.gz): task_id and a problem in HumanEval, MBPP, synthetic or "
+        "stdin/stdout format",
     )
     parser.add_argument(
         "--k", type=_parse_ks, default=[1, 10], help="comma-separated k values (default: 1,10)"
