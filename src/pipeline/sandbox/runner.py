@@ -23,12 +23,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.sandbox.harness import send
+
 logger = logging.getLogger("pipeline.sandbox")
 
 MAX_OUTPUT_CHARS = 4096
 HARNESS = str(Path(__file__).with_name("harness.py"))
 _WATCHDOG_GRACE_S = 2.0
 _REPORT_GRACE_S = 1.0  # after the timeout, for the checker to report a call that timed out
+_IDLE_S = 600.0  # a warm sandbox nobody hands a job to ends by itself after this
 # --kill-child: if unshare itself is killed, so is the namespace's init (and with it the namespace)
 _UNSHARE_FLAGS = (
     "--net",
@@ -384,29 +387,29 @@ def _verdict(raw: bytes, total: int) -> dict | None:
     return result
 
 
-def _execute(program: str, check: Check, timeout: float, limits: Limits, namespaces: bool) -> ExecResult:
-    """The one implementation behind every run: spawn the harness, enforce the timeout, read the verdict."""
-    total = _total(check)
-    checks = json.dumps(_checks_payload(check)).encode("utf-8", "surrogatepass")
-    start = time.monotonic()
-    with _scratch_dir() as outer:
+class _Sandbox:
+    """One execution's sandbox, started before its job is known (so a pool can keep some warm): the
+    harness sets up the namespaces, jail and pipes, then waits for the program and the checks."""
+
+    def __init__(self, namespaces: bool, limits: Limits, timeout: float):
+        self.namespaces, self.limits, self.timeout = namespaces, limits, timeout
+        self._scratch = _scratch_dir()
+        outer = self._scratch.__enter__()
+        self.out_path, self.err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
         work = {role: os.path.join(outer, f"work-{role}") for role in ("candidate", "checker")}
-        uids = None
         for path in work.values():
             os.mkdir(path, 0o700)
         os.mkdir(os.path.join(outer, "jail"), 0o755)
+        uids = None
         if namespaces:
             uids = {"candidate": _fresh_uid(), "checker": _fresh_uid()}
             os.chmod(outer, 0o711)  # each sandbox uid may pass through to its work dir, not read our files
             for role, path in work.items():
                 os.chown(path, uids[role], uids[role])
-        config_path = os.path.join(outer, "config.json")
-        out_path, err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
         cpu = limits.cpu_seconds if limits.cpu_seconds is not None else math.ceil(timeout) + 1
-        result_fd, checks_fd = _anonymous_file(), _anonymous_file(checks)
+        self.result_fd = _anonymous_file()
+        job_r, self.job_w = os.pipe()
         cfg = {
-            "program": program,
-            "whole": isinstance(check, StdioTests),
             "namespaces": namespaces,
             "uids": uids,
             "nproc": "absolute" if namespaces else "relative" if os.geteuid() != 0 else "none",
@@ -416,59 +419,99 @@ def _execute(program: str, check: Check, timeout: float, limits: Limits, namespa
                 "file_size_bytes": int(limits.file_size_bytes),
                 "max_processes": int(limits.max_processes),
                 "work_dir_bytes": int(limits.work_dir_bytes),
-            },
+            },  # fmt: skip
             "timeout": float(timeout),
             "watchdog": float(timeout) + _WATCHDOG_GRACE_S,
+            "idle_seconds": _IDLE_S,
             "read_only": list(_read_only_paths()) if namespaces else [],
             "links": [list(link) for link in _jail_links()] if namespaces else [],
             "jail": os.path.join(outer, "jail"),
             "work_dirs": work,
             "host_mnt_ns": os.readlink("/proc/self/ns/mnt") if namespaces else "",
-            "result_fd": result_fd,
-            "checks_fd": checks_fd,
+            "result_fd": self.result_fd,
+            "job_fd": job_r,
         }
+        config_path = os.path.join(outer, "config.json")
+        with open(
+            os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
+        ) as f:
+            json.dump(cfg, f)
+        cmd = [sys.executable, "-I", "-B", HARNESS, config_path]
+        if namespaces:
+            cmd = [_unshare() or "unshare", *_UNSHARE_FLAGS, *cmd]
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "TMPDIR": work["candidate"],
+        }
+        self.proc, self.start_error = None, ""
+        # Output goes to files, not pipes: RLIMIT_FSIZE then bounds it (and our memory), and stray processes
+        # holding a pipe open cannot make us hang.
         try:
-            fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "w", encoding="utf-8") as f:
-                json.dump(cfg, f)
-            cmd = [sys.executable, "-I", "-B", HARNESS, config_path]
-            if namespaces:
-                cmd = [_unshare() or "unshare", *_UNSHARE_FLAGS, *cmd]
-            env = {
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "LANG": "C.UTF-8",
-                "TMPDIR": work["candidate"],
-            }
-            # Output goes to files, not pipes: RLIMIT_FSIZE then bounds it (and our memory), and stray
-            # processes holding a pipe open cannot make us hang.
-            with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
-                try:
-                    proc = subprocess.Popen(cmd, cwd=work["candidate"], env=env, stdin=subprocess.DEVNULL,
-                                            stdout=out_f, stderr=err_f, start_new_session=True,
-                                            pass_fds=(result_fd, checks_fd))  # fmt: skip
-                except OSError as e:
-                    os.close(result_fd)
-                    return ExecResult("crashed", 0, total, "", "", f"could not start the sandbox: {e}")
+            with open(self.out_path, "wb") as out_f, open(self.err_path, "wb") as err_f:
+                self.proc = subprocess.Popen(cmd, cwd=work["candidate"], env=env, stdin=subprocess.DEVNULL,
+                                             stdout=out_f, stderr=err_f, start_new_session=True,
+                                             pass_fds=(self.result_fd, job_r))  # fmt: skip
+        except OSError as e:
+            self.start_error = f"could not start the sandbox: {e}"
         finally:
-            os.close(checks_fd)
+            os.close(job_r)
+
+    def run(self, program: str, check: Check) -> ExecResult:
+        """Hand the sandbox its job, wait for the verdict (or the timeout), tear everything down."""
+        total = _total(check)
+        start = time.monotonic()
+        try:
+            if self.proc is None:
+                return ExecResult("crashed", 0, total, "", "", self.start_error)
+            with contextlib.suppress(OSError):  # a harness that died in set-up reports why below
+                send(self.job_w, {"program": program, "whole": isinstance(check, StdioTests)})
+                send(self.job_w, _checks_payload(check))
+            os.close(self.job_w)
+            self.job_w = -1
+            finished = self._wait(start + self.timeout + _REPORT_GRACE_S)
+            elapsed = time.monotonic() - start
+            stdout = _read_capped(self.out_path, self.limits.max_output_chars)
+            stderr = _read_capped(self.err_path, self.limits.max_output_chars)
+            raw = os.pread(self.result_fd, 1 << 20, 0)
+        finally:
+            self.discard()
+        return _result(_verdict(raw, total), finished, total, stdout, stderr, elapsed, self.timeout)
+
+    def _wait(self, deadline: float) -> bool:
         finished, init_pid = False, None
         try:
-            finished = _wait_without_reaping(proc, start + timeout + _REPORT_GRACE_S)
+            finished = _wait_without_reaping(self.proc, deadline)
         finally:
-            if namespaces and not finished:  # the namespace's init, to wait for its teardown below
-                init_pid = next(iter(_children(proc.pid)), None)
+            if self.namespaces and not finished:  # the namespace's init, to wait for its teardown below
+                init_pid = next(iter(_children(self.proc.pid)), None)
             # Kill the whole group (also strays of a program that ended) while the leader is still an
             # unreaped zombie, then reap it.
-            _kill_group(proc.pid)
-            proc.wait()
+            _kill_group(self.proc.pid)
+            self.proc.wait()
             if init_pid is not None:
                 _wait_dead(init_pid)
-        elapsed = time.monotonic() - start
-        stdout = _read_capped(out_path, limits.max_output_chars)
-        stderr = _read_capped(err_path, limits.max_output_chars)
-        raw = os.pread(result_fd, 1 << 20, 0)
-        os.close(result_fd)
-    result = _verdict(raw, total)
+        return finished
+
+    def discard(self) -> None:
+        """End the sandbox (used or not) and remove its files."""
+        if self.job_w >= 0:
+            os.close(self.job_w)
+            self.job_w = -1
+        if self.proc is not None and self.proc.returncode is None:
+            _kill_group(self.proc.pid)
+            self.proc.wait()
+        if self.result_fd >= 0:
+            os.close(self.result_fd)
+            self.result_fd = -1
+        if self._scratch is not None:
+            self._scratch.__exit__(None, None, None)
+            self._scratch = None
+
+
+def _result(result: dict | None, finished: bool, total: int, stdout: str, stderr: str, elapsed: float,
+            timeout: float) -> ExecResult:  # fmt: skip
+    """The ExecResult of a checker's report (or of its absence)."""
     if result is None:
         if not finished:
             return ExecResult("timeout", 0, total, stdout, stderr, f"timed out after {timeout:g} s", elapsed)
@@ -488,6 +531,43 @@ def _execute(program: str, check: Check, timeout: float, limits: Limits, namespa
     else:
         status = "passed" if passed == total else "failed"
     return ExecResult(status, passed, total, stdout, stderr, error, elapsed, failed_tests)
+
+
+def _execute(program: str, check: Check, timeout: float, limits: Limits, namespaces: bool) -> ExecResult:
+    """One execution in a sandbox started for it."""
+    return _Sandbox(namespaces, limits, timeout).run(program, check)
+
+
+class _WarmPool:
+    """Sandboxes started ahead of their jobs, so that an execution does not wait for an interpreter and its
+    jail: taking one starts its replacement, which sets up while the taken one runs."""
+
+    def __init__(self, size: int, namespaces: bool, limits: Limits, timeout: float, jobs: int):
+        self.args, self.left = (namespaces, limits, timeout), jobs  # never start more than will be used
+        self.lock, self.ready = threading.Lock(), []
+        with self.lock:
+            for _ in range(min(size, jobs)):
+                self._start()
+
+    def _start(self) -> None:
+        if self.left > 0:
+            self.left -= 1
+            self.ready.append(_Sandbox(*self.args))
+
+    def run(self, program: str, check: Check) -> ExecResult:
+        with self.lock:
+            sandbox = self.ready.pop(0) if self.ready else None
+            if sandbox is None:
+                self.left -= 1
+            else:
+                self._start()
+        return (sandbox or _Sandbox(*self.args)).run(program, check)
+
+    def close(self) -> None:
+        with self.lock:
+            for sandbox in self.ready:
+                sandbox.discard()
+            self.ready = []
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -535,15 +615,13 @@ def run_many(
     jobs = [(program, as_check(check)) for program, check in jobs]
     if not jobs:
         return []
-    isolation()  # probe once here rather than in racing worker threads
+    namespaces = isolation().namespaces  # probe once here rather than in racing worker threads
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     results: list[ExecResult | None] = [None] * len(jobs)
+    warm = _WarmPool(workers, namespaces, limits or Limits(), timeout, len(jobs))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
-        futures = {
-            pool.submit(run_check, program, check, timeout, limits): i
-            for i, (program, check) in enumerate(jobs)
-        }
+        futures = {pool.submit(warm.run, program, check): i for i, (program, check) in enumerate(jobs)}
         with tqdm(total=len(jobs), desc=progress, disable=progress is None, unit="run") as bar:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -551,4 +629,5 @@ def run_many(
     finally:
         # On an error or Ctrl-C, queued jobs must not start; running ones end within their timeout.
         pool.shutdown(wait=True, cancel_futures=True)
+        warm.close()
     return results  # type: ignore[return-value]
