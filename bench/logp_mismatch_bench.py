@@ -53,7 +53,7 @@ def stale_store(store: Path, out: Path) -> Path:
         pickle.dump(moved, fh)
     from pipeline.stages import logp
 
-    logp.main(["--import_pickles", str(pickles), "--output_dir", str(out)])
+    logp.main(["--import_pickles", str(pickles), "--trust_pickles", "true", "--output_dir", str(out)])
     return out
 
 

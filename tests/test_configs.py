@@ -150,3 +150,39 @@ def test_missing_model_folder_is_one_line(tmp_path, capsys, stage):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "model_name_or_path: folder not found" in err and len(err.strip().splitlines()) == 1, err
+
+
+ALIAS_BOMB = "".join(
+    f"{a}: &{a} [{', '.join([f'*{p}' if p != '-' else 'x'] * 9)}]\n"
+    for p, a in zip("-abcdefg", "abcdefgh", strict=True)
+)
+
+
+def test_yaml_alias_bomb_is_refused_in_recipes_and_pipeline_files(tmp_path, capsys):
+    import time
+
+    assert len(ALIAS_BOMB) < 400  # stands for 9**8 = 43 million values once written out (e.g. into run.json)
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("learning_rate: 1.0e-5\n" + ALIAS_BOMB)
+    start = time.monotonic()
+    assert cli.main(["sft", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{recipe}: the YAML expands to more than 100,000 values" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    from pipeline.stages.run import load_pipeline
+
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(
+        "output_dir: runs\nstages: []\nvars:\n"
+        + "".join("  " + line + "\n" for line in ALIAS_BOMB.splitlines())
+    )
+    with pytest.raises(PipelineError, match="the YAML expands to more than 100,000 values"):
+        load_pipeline(pipeline_file)
+    assert time.monotonic() - start < 5
+    # aliases that stay small still work
+    recipe.write_text("defaults: &d {learning_rate: 2.0e-5}\nlearning_rate: 2.0e-5\n")
+    from pipeline.data import load_yaml
+
+    assert load_yaml(recipe.read_text(), str(recipe))["defaults"] == {"learning_rate": 2.0e-5}

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.errors import PipelineError
 from pipeline.stages import logp, prepare
 from pipeline.tiny import make_tiny_model
 from pipeline.tokenization import parse_prompt, tokenize_prompt_response
@@ -176,7 +177,14 @@ def test_import_old_pickles(tmp_path):
     for rank in range(2):
         with open(source / f"rank{rank}.pkl", "wb") as fh:
             pickle.dump({f"r{rank}-{i}": np.arange(i + 1, dtype=np.float64) * -0.5 for i in range(3)}, fh)
-    manifest = logp.main(["--import_pickles", str(source), "--output_dir", str(tmp_path / "new")])
+    with pytest.raises(
+        PipelineError, match=r"unpickles it, which runs any code .* pass --trust_pickles true"
+    ):
+        logp.main(["--import_pickles", str(source), "--output_dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+    manifest = logp.main(
+        ["--import_pickles", str(source), "--trust_pickles", "true", "--output_dir", str(tmp_path / "new")]
+    )
     rows = load_logps(tmp_path / "new")
     assert len(rows) == 6 and rows["r1-2"]["logps"] == [0.0, -0.5, -1.0] and rows["r1-2"]["n_tokens"] == 3
     assert manifest["tokenizer_fingerprint"] is None and "not possible" in manifest["tokenizer_check"]

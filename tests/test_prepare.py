@@ -271,6 +271,8 @@ CATALOGUE = {
                                "first message has role 'assistant'"),
     "empty message list": (variant(prompt_pretokenized="[]"), "must be a non-empty list"),
     "bad role": (variant(prompt_pretokenized='[{"role": "robot", "content": "x"}]'), "message 0 has role 'robot'"),
+    "deeply nested prompt": (variant(prompt_pretokenized="[" * 100_000 + "]" * 100_000),
+                             "uid 'p0-r0': JSON nested too deeply"),
 }  # fmt: skip
 
 

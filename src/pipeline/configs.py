@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 
 
@@ -171,7 +172,7 @@ def read_recipe_file(path: str) -> dict[str, Any]:
         raise PipelineError(f"{path}: recipe file not found")
     try:
         with open(path) as fh:
-            recipe = yaml.safe_load(fh)
+            recipe = load_yaml(fh.read(), path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -214,3 +216,39 @@ def read_prepared_split(
 
     files = prepared_shards(data_path, view, split)
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+
+
+MAX_YAML_VALUES = 100_000  # a recipe or pipeline file expands to at most this many values (aliases included)
+
+
+def _expanded_values(node, memo: dict, limit: int) -> int:
+    """How many values a composed YAML node stands for once every alias is expanded (stops past `limit`)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_values(child, memo, limit)
+        if total > limit:
+            break
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml(text: str, where: str) -> object:
+    """`yaml.safe_load`, refusing in one line a document whose aliases expand past `MAX_YAML_VALUES`
+    values (a few hundred bytes of nested aliases stand for billions once written out, e.g. into run.json)
+    or that nests too deeply to read."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_values(node, {}, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise PipelineError(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases "
+                                "repeated inside aliases); write the values out or use fewer aliases")  # fmt: skip
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise PipelineError(f"{where}: the YAML is nested too deeply to read") from None

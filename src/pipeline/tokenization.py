@@ -36,6 +36,8 @@ def parse_prompt(value: Any) -> list[dict[str, str]]:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
                 raise PromptError(f"invalid JSON ({err.msg} at char {err.pos})") from None
+            except RecursionError:
+                raise PromptError("JSON nested too deeply (a chat prompt is a list of messages)") from None
         else:
             return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:

@@ -2,7 +2,7 @@
 
     pipeline logp --data_path data/prepared --model_name_or_path MODEL [--tag ref] [--max_length 2048]
     torchrun --nproc_per_node 8 -m pipeline.cli logp --data_path ... # or scripts/run_logp.sh DATA MODEL TAG
-    pipeline logp --import_pickles OLD_DIR --output_dir data/prepared_ref_logp  # migrate old per-rank pickles
+    pipeline logp --import_pickles OLD_DIR --trust_pickles true --output_dir data/prepared_ref_logp  # old pickles
 
 Reads a `pipeline prepare` output (its `rl/{train,eval}` shards and `manifest.json`) and writes
 `{data_path}_{tag}_logp/` (or `--output_dir`): `{split}-part-NNNNN.parquet` with `uid`, `logps` (float32 per
@@ -77,6 +77,11 @@ class LogpConfig:
     import_pickles: str | None = field(
         default=None, metadata={"help": "Convert a folder of old per-rank pickles {uid: logps} instead."}
     )
+    trust_pickles: bool = field(
+        default=False,
+        metadata={"help": "Required with import_pickles: unpickling runs whatever code the files hold, so only "
+                  "pickles you made yourself may be read."},
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ input rows
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.import_pickles:
         if not cfg.output_dir:
             raise PipelineError("import_pickles needs --output_dir")
+        if not cfg.trust_pickles:
+            raise PipelineError(f"import_pickles: reading '{cfg.import_pickles}' unpickles it, which runs any code "
+                                "the files hold; if you made these files yourself, pass --trust_pickles true")  # fmt: skip
         return import_pickles(cfg.import_pickles, Path(cfg.output_dir))
     if not cfg.data_path:
         raise PipelineError("data_path is required (a `pipeline prepare` output)")

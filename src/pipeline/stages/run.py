@@ -64,6 +64,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 
@@ -108,7 +109,7 @@ def load_pipeline(
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -242,7 +243,7 @@ def recipe_args(recipe: str | None, base: Path) -> tuple[dict[str, Any], str | N
     if not recipe:
         return {}, None
     path = Path(recipe) if Path(recipe).is_file() else base / recipe
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text(), str(path)) or {}
     data.pop("env", None)
     return data, str(path.resolve())
 
