@@ -409,11 +409,12 @@ def _shorten(args, kwargs) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _free_call_names(sources) -> list:
-    """Names the test code calls but does not define: the candidate's functions (MBPP, the synthetic task)."""
+def _free_names(sources) -> tuple[list, set]:
+    """(names the test code calls but does not define: the candidate's functions (MBPP, the synthetic task),
+    names it reads attributes of: modules it may use without importing them), from one parse."""
     import ast
 
-    called, bound = set(), set()
+    called, bound, bases = set(), set(), set()
     for source in sources:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -424,24 +425,28 @@ def _free_call_names(sources) -> list:
                 bound.add(node.name)
             elif isinstance(node, ast.alias):
                 bound.add((node.asname or node.name).split(".")[0])
-    return sorted(n for n in called - bound if not hasattr(builtins, n))
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                bases.add(node.value.id)
+    return sorted(n for n in called - bound if not hasattr(builtins, n)), bases - bound
 
 
-def _import_free_modules(ns, sources) -> None:
+def _import_free_modules(ns, names) -> None:
     """Standard-library modules the tests use without importing them (MBPP tests lean on the solution's
     `import math`): imported here, in the checker, from the standard library only."""
-    import ast
     import importlib
 
-    names = set()
-    for source in sources:
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                names.add(node.value.id)
     for name in sorted(names):
         if name not in ns and not hasattr(builtins, name) and name in sys.stdlib_module_names:
             with contextlib.suppress(ImportError):
                 ns[name] = importlib.import_module(name)
+
+
+def _not_loaded(channel: Channel, total: int) -> dict | None:
+    """The report when the candidate's program did not load (None when it did)."""
+    error = channel.ready()
+    if not error:
+        return None
+    return {"passed": 0, "total": total, "error": error, "load_failed": True, "timed_out": channel.timed_out}
 
 
 def _runnable_prompt(prompt: str) -> str:
@@ -462,26 +467,22 @@ def run_checks(checks: dict, channel: Channel) -> dict:
     if kind == "stdio":
         return _run_stdio(checks, channel)
     ns = {"__name__": "__checker__", "__builtins__": builtins}
+    modules: set = set()  # HumanEval's tests import what they use
     if kind == "humaneval":
-        setup, tests, names = (
-            _runnable_prompt(checks.get("prompt") or ""),
-            [checks["test"]],
-            [checks["entry_point"]],
-        )
+        setup, tests = _runnable_prompt(checks.get("prompt") or ""), [checks["test"]]
+        names = [checks["entry_point"]]
     else:
         setup, tests = checks.get("setup") or "", list(checks["tests"])
-        names = _free_call_names([setup, *tests]) if tests else []
+        names, modules = _free_names([setup, *tests]) if tests else ([], set())
     try:
         exec(compile(setup, "<test setup>", "exec"), ns)
-        if kind != "humaneval":  # HumanEval's tests import what they use
-            _import_free_modules(ns, tests)
+        _import_free_modules(ns, modules)
     except BaseException as e:
         return {"passed": 0, "total": len(tests), "error": "the problem's own test setup failed: " + describe(e),
                 "setup_failed": True}  # fmt: skip
-    load_error = channel.ready()
-    if load_error:
-        return {"passed": 0, "total": len(tests), "error": load_error, "load_failed": True,
-                "timed_out": channel.timed_out}  # fmt: skip
+    not_loaded = _not_loaded(channel, len(tests))
+    if not_loaded:
+        return not_loaded
     for name in names:
         ns[name] = Proxy(channel, name)
     passed, failed, first_error = 0, [], ""
@@ -524,10 +525,9 @@ def _tokens(text: str) -> list:
 
 def _run_stdio(checks: dict, channel: Channel) -> dict:
     inputs, outputs = list(checks["inputs"]), list(checks["outputs"])
-    load_error = channel.ready()
-    if load_error:
-        return {"passed": 0, "total": len(inputs), "error": load_error, "load_failed": True,
-                "timed_out": channel.timed_out}  # fmt: skip
+    not_loaded = _not_loaded(channel, len(inputs))
+    if not_loaded:
+        return not_loaded
     passed, failed, first_error = 0, [], ""
     for i, (given, expected) in enumerate(zip(inputs, outputs, strict=False)):
         error = ""
