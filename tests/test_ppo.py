@@ -238,7 +238,15 @@ def test_ppo_resumes_to_the_same_losses(tmp_path, sft_setup, prompts, monkeypatc
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.setattr(ppo, "rollout_rows", real_rows)
+    loads, real_load = [], torch.load
+
+    def recording_load(*a, **kw):  # resuming reads no pickle: every torch.load is weights_only
+        loads.append(kw.get("weights_only"))
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", recording_load)
     resumed = ppo.main([*args, "--output_dir", str(tmp_path / "cut")])["log_history"]
+    assert loads and all(w is True for w in loads), loads
     assert len(resumed) == len(whole) == 4
     for a, b in zip(whole, resumed, strict=True):
         for key in ("score", "kl", "loss/policy", "loss/value", "entropy"):

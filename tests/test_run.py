@@ -28,7 +28,9 @@ def calls(monkeypatch):
         made.append((stage, argv))
         from pathlib import Path
 
-        Path(out).mkdir(parents=True, exist_ok=True)
+        from pipeline import outputs
+
+        outputs.claim(out, stage)  # as real stages do before anything else
         (Path(out) / "partial.txt").write_text("started")
         (Path(out) / "run.json").write_text(json.dumps({"status": "running"}))  # as real stages do at start
         if any(f"/{name}" in out for name in fail):

@@ -119,8 +119,13 @@ def close_process_group() -> None:
 
 def run_stage(stage: str, argv: list[str]):
     """Import the stage's module and call its `main(argv)`; returns whatever the stage returns."""
+    from pipeline.runinfo import close_logging
+
     module_name, _ = STAGES[stage]
-    return importlib.import_module(module_name).main(argv)
+    try:
+        return importlib.import_module(module_name).main(argv)
+    finally:
+        close_logging()  # the next stage of an in-process `pipeline run` must not write into this one's run.log
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -318,7 +318,7 @@ def parse_stage_args(dataclass_types: tuple, argv: list[str] | None, stage: str)
     keys = set(parser.valid_keys())
     argv = [*argv, *dry_run_hardware_flags(keys)]
     parsed = parser.parse(argv)
-    flags = dry_run_flags(parsed, keys, argv)
+    flags = dry_run_flags(parsed, keys, stage)
     return RecipeParser(dataclass_types, prog=f"pipeline {stage}").parse([*argv, *flags])
 
 

@@ -3,10 +3,13 @@
 - **Resume** (`resolve_resume`): a stage rerun with the same `output_dir` continues from its last complete
   checkpoint; `resume_from_checkpoint: false` starts afresh, a path resumes from that checkpoint.
 - **Complete-or-absent checkpoints** (`CheckpointGuard`): the Trainer writes `checkpoint-N/` file by file,
-  so a job killed mid-save leaves a folder that looks like a checkpoint. Once every process has finished
-  saving, the main process adds `checkpoint_complete.json` (written to a temporary name, then renamed).
-  Only folders holding it are resumed from; `checkpoint-N` folders past the step a run starts from (a cut-off
-  save, or an old run's) are deleted before training, so no later restart can pick one up.
+  so a job killed mid-save leaves a folder that looks like a checkpoint. Before the Trainer writes, the
+  main process puts `checkpoint_begun.json` there; once every process has finished saving, it adds
+  `checkpoint_complete.json` (written to a temporary name, then renamed). Only folders holding the latter
+  are resumed from. The checkpoints this pipeline began past the step a run starts from (a cut-off save,
+  or an old run's) are deleted before training, so no later restart can pick one up. A `checkpoint-N` the
+  pipeline did not begin (plain TRL, copied in) is never deleted and never resumed unless named; one this
+  run could save over is refused before training. `save_total_limit` rotates only the pipeline's own.
 - **Out-of-memory back-off** (`run_training`): on an out-of-memory error inside a training step the
   micro-batch is divided by its smallest prime factor (halved when even) and gradient accumulation
   multiplied by it, so the global batch is unchanged; memory is freed and training restarts from the
@@ -39,6 +42,7 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger("pipeline.resilience")
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+BEGUN_MARKER = "checkpoint_begun.json"
 OOM_DIR = ".oom-backoff"  # where the state before a failing step is saved for the restart
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 DRY_RUN_STEPS = 2
@@ -93,65 +97,59 @@ def checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _drop_incomplete_tail(output_dir: str) -> list[str]:
-    """Delete `checkpoint-N` folders from the highest N down until one is complete; their names."""
-    from transformers.trainer_utils import get_last_checkpoint
+def is_pipeline_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint this pipeline began (complete or cut off while saving)."""
+    return is_complete_checkpoint(path) or (Path(path) / BEGUN_MARKER).is_file()
 
-    dropped: list[str] = []
-    if not Path(output_dir).is_dir():
-        return dropped
-    while (last := get_last_checkpoint(output_dir)) is not None and not is_complete_checkpoint(last):
-        shutil.rmtree(last)
-        dropped.append(Path(last).name)
-    return dropped
+
+def _start_of(output_dir: str, setting: str) -> tuple[str | None, int]:
+    """(checkpoint to start from, its step) for a resume setting; "auto" takes the last complete one of ours."""
+    if setting == "fresh":
+        return None, 0
+    if setting == "auto":
+        complete = [(n, p) for n, p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
+        return (str(complete[-1][1]), complete[-1][0]) if complete else (None, 0)
+    state_file = Path(setting) / "trainer_state.json"
+    if not state_file.is_file():
+        raise PipelineError(
+            f"resume_from_checkpoint: '{setting}' is not a checkpoint (no trainer_state.json)"
+        )
+    return setting, json.loads(state_file.read_text()).get("global_step", 0)
 
 
 def resolve_resume(args, value: Any = None) -> str | None:
-    """The checkpoint this run starts from (None: from scratch), after removing the `checkpoint-N` folders
-    of `args.output_dir` past it. Every process calls this; only the saving process deletes."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The checkpoint this run starts from (None: from scratch), after removing the checkpoints of
+    `args.output_dir` that this pipeline began past it (or cut off while saving). A `checkpoint-N` it did not
+    begin is left alone; one past the start (which this run could save into) is refused in one line. Every
+    process calls this; only the saving process deletes."""
     output_dir = args.output_dir
-    setting = resume_setting(value)
-    if setting not in ("auto", "fresh"):
-        state_file = Path(setting) / "trainer_state.json"
-        if not state_file.is_file():
-            raise PipelineError(
-                f"resume_from_checkpoint: '{setting}' is not a checkpoint (no trainer_state.json)"
-            )
-        start = json.loads(state_file.read_text()).get("global_step", 0)
+    start, step = _start_of(output_dir, resume_setting(value))
+    named = Path(start).resolve() if start else None
+    ours, foreign = [], []
+    for n, path in checkpoint_folders(output_dir):
+        if path.resolve() == named:
+            continue
+        if is_pipeline_checkpoint(path):
+            if n > step or not is_complete_checkpoint(path):
+                ours.append(path)
+        elif n > step:
+            foreign.append(path)
+    if foreign:
+        raise PipelineError(
+            f"output_dir '{output_dir}' holds {', '.join(p.name for p in foreign)}, which the pipeline did not "
+            f"write and this run (from step {step}) could save over; nothing was changed: move it out of "
+            "output_dir, or name it with resume_from_checkpoint to start from it"
+        )
     _barrier()  # every process has looked before anything is deleted
-    if _is_main(args):
-        removed = _drop_incomplete_tail(output_dir) if setting == "auto" else []
-        if removed:
-            logger.warning(
-                "ignoring incomplete checkpoints (cut off while saving), deleted: %s", ", ".join(removed)
-            )
-        if setting == "fresh":
-            stale = checkpoint_folders(output_dir)
-        elif setting == "auto":
-            stale = []
-        else:
-            stale = [
-                (n, p)
-                for n, p in checkpoint_folders(output_dir)
-                if n > start and p.resolve() != Path(setting).resolve()
-            ]
-        for _, path in stale:
+    if _is_main(args) and ours:
+        for path in ours:
             shutil.rmtree(path)
-        if stale:
-            logger.warning("deleted checkpoints past the starting step, which this run replaces: %s",
-                           ", ".join(p.name for _, p in stale))  # fmt: skip
+        logger.warning("deleted checkpoints of this pipeline past the starting step or cut off while saving, "
+                       "which this run replaces: %s", ", ".join(p.name for p in ours))  # fmt: skip
     _barrier()
-    if setting == "auto":
-        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if found:
-            logger.info("resuming from %s", found)
-        return found
-    if setting == "fresh":
-        return None
-    logger.info("resuming from %s", setting)
-    return setting
+    if start:
+        logger.info("resuming from %s", start)
+    return start
 
 
 # Config fields that do not change what is trained (where it is written, logged, evaluated or saved, how
@@ -168,7 +166,7 @@ NOT_TRAINING_FIELDS = frozenset({
     "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub",
     "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "skip_memory_metrics",
     "include_num_input_tokens_seen", "include_tokens_per_second", "ddp_timeout", "logp_mismatch_threshold",
-    "local_rank", "ddp_backend", "use_cpu",
+    "local_rank", "ddp_backend", "use_cpu", "trust_checkpoint",
 })  # fmt: skip
 
 
@@ -232,9 +230,44 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _write_marker(folder: Path, step: int) -> None:
-    tmp = folder / f".{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps({"global_step": step}) + "\n")
-    os.replace(tmp, folder / COMPLETE_MARKER)
+    _write_json(folder / COMPLETE_MARKER, {"global_step": step})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def _rotate_own_checkpoints(output_dir: str, limit: int | None, best: str | None) -> None:
+    """`save_total_limit` over this pipeline's complete checkpoints only (the newest and the best kept)."""
+    if not limit or limit <= 0:
+        return
+    ours = [p for _, p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
+    keep = {ours[-1]} if ours else set()
+    if best:
+        keep.add(Path(best))
+    for path in ours[: max(0, len(ours) - max(limit, len(keep)))]:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _mark_begun_saves(trainer) -> None:
+    """Wrap the trainer's checkpoint save: the main process marks `checkpoint-N` as begun by the pipeline
+    before anything is written there, and refuses to write into a checkpoint the pipeline did not begin."""
+    save = trainer._save_checkpoint
+
+    def save_checkpoint(model, trial):
+        folder = Path(trainer._get_output_dir(trial=trial)) / f"checkpoint-{trainer.state.global_step}"
+        if _is_main(trainer.args):
+            if folder.exists() and not is_pipeline_checkpoint(folder):
+                raise PipelineError(f"{folder} was not written by the pipeline and this run would save into it; "
+                                    "move it out of output_dir and resume")  # fmt: skip
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(folder / BEGUN_MARKER, {"global_step": trainer.state.global_step})
+        return save(model, trial)
+
+    trainer._save_checkpoint = save_checkpoint
 
 
 def _make_guard():
@@ -245,8 +278,9 @@ def _make_guard():
         is (an out-of-memory error is only retried inside forward/backward) and the RNG state at the step's
         start (restored before the state is saved for a retry)."""
 
-        def __init__(self):
+        def __init__(self, save_total_limit: int | None = None):
             self.phase, self.start_step, self.rng = "setup", 0, None
+            self.save_total_limit = save_total_limit
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.phase, self.start_step = "setup", state.global_step
@@ -268,6 +302,7 @@ def _make_guard():
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if _is_main(args) and folder.is_dir():
                 _write_marker(folder, state.global_step)
+                _rotate_own_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
             _barrier()
 
     return CheckpointGuard
@@ -279,7 +314,10 @@ def guard_of(trainer):
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__name__ == cls_name:
             return callback
-    guard = _make_guard()()
+    # the Trainer's own rotation would delete any checkpoint-N in output_dir: the guard rotates ours only
+    guard = _make_guard()(trainer.args.save_total_limit)
+    trainer.args.save_total_limit = None
+    _mark_begun_saves(trainer)
     trainer.add_callback(guard)
     return guard
 
@@ -455,14 +493,14 @@ _built_tiny: list[Path] = []  # the first tiny model this process built: later d
 
 def build_dry_run_models(output_dir: str, reward: bool) -> tuple[str, str | None]:
     """The tiny causal LM (and a tiny scalar reward model on the same tokenizer), built once per folder."""
-    from pipeline.data import atomic_directory
+    from pipeline import outputs
     from pipeline.tiny import make_tiny_model
 
     model_dir = Path(output_dir) / DRY_RUN_MODEL
     if not (model_dir / "config.json").is_file():
         source = next((p for p in _built_tiny if (p / "config.json").is_file()), None)
         if source is not None:  # training the tokenizer takes seconds; the files are the same
-            with atomic_directory(model_dir) as tmp:
+            with outputs.replacing(model_dir, "tiny-model") as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
         else:
             make_tiny_model(model_dir, seed=0)
@@ -478,7 +516,7 @@ def build_dry_run_models(output_dir: str, reward: bool) -> tuple[str, str | None
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
-        with atomic_directory(reward_dir) as tmp:
+        with outputs.replacing(reward_dir, "tiny-model") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     return str(model_dir), str(reward_dir)
@@ -504,18 +542,19 @@ def dry_run_hardware_flags(keys: set[str]) -> list[str]:
     return _as_flags(DRY_RUN_HARDWARE, keys)
 
 
-def dry_run_flags(parsed: tuple, keys: set[str], argv: list[str]) -> list[str]:
+def dry_run_flags(parsed: tuple, keys: set[str], stage: str) -> list[str]:
     """Command-line flags that turn a parsed recipe into its dry run (appended, so they win), after
-    `dry_run_hardware_flags`: the tiny models, output folder, step/row/length caps and CPU-safe options."""
+    `dry_run_hardware_flags`: the tiny models, output folder, step/row/length caps and CPU-safe options.
+    The output folder is always `dry_run_output_dir(output_dir)`, whether output_dir came from the recipe or
+    the command line: a dry run never writes into a real run."""
+    from pipeline import outputs
+
     values: dict[str, Any] = {}
     for config in parsed:
         for key, value in vars(config).items():
             values.setdefault(key, value)
-    given_output = any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv)
-    output_dir = values.get("output_dir") or "trainer_output"
-    if not given_output:
-        output_dir = dry_run_output_dir(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = dry_run_output_dir(values.get("output_dir") or "trainer_output")
+    outputs.claim(output_dir, stage)
     needs_reward = any(values.get(k) for k in ("reward_model_path", "value_model_path"))
     model_dir, reward_dir = build_dry_run_models(output_dir, needs_reward)
 

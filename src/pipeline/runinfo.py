@@ -169,6 +169,15 @@ def read_run_info(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def close_logging() -> None:
+    """Detach the handlers `setup_logging` added: a stage's run.log receives nothing after it ends."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_pipeline", False):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def setup_logging(output_dir: str | os.PathLike, level: int = logging.INFO) -> Path:
     """Log to stderr and to `<output_dir>/run.log`; transformers/TRL records go to the same places."""
     import transformers
@@ -177,11 +186,7 @@ def setup_logging(output_dir: str | os.PathLike, level: int = logging.INFO) -> P
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger()
-    # a previous in-process run (tests, sweeps) must not keep writing into its own log file
-    for handler in list(root.handlers):
-        if getattr(handler, "_pipeline", False):
-            root.removeHandler(handler)
-            handler.close()
+    close_logging()  # a previous in-process run (tests, sweeps) must not keep writing into its own log file
     file_handler = logging.FileHandler(log_path)
     stream_handler = logging.StreamHandler(sys.stderr)
     # trainer metrics already reach the console through the progress bar; keep them in the file only

@@ -15,8 +15,6 @@ import argparse
 import os
 from pathlib import Path
 
-from pipeline.data import atomic_directory
-
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -119,7 +117,9 @@ def make_tiny_model(
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer(vocab_size=vocab_size)
     model = build_model(tokenizer, seed=seed, arch=arch, **model_kwargs)
-    with atomic_directory(output_dir) as tmp:
+    from pipeline import outputs
+
+    with outputs.replacing(output_dir, "tiny-model") as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
     return output_dir
@@ -131,7 +131,11 @@ def main(argv: list[str] | None = None) -> Path:
         description="Build an offline tiny tokenizer + random causal LM (for tests, demos and smoke runs). "
         "Same arguments give byte-identical files.",
     )
-    parser.add_argument("--output_dir", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument(
+        "--output_dir",
+        required=True,
+        help="folder to write (a tiny model made earlier there is replaced; any other existing folder is refused)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument(
         "--arch", choices=["qwen2", "llama"], default="qwen2", help="model family (default qwen2)"

@@ -60,31 +60,68 @@ def keep_bnb_4bit_trainable_on_cpu(model) -> int:
     return touched
 
 
-def move_into(tmp: Path, output_dir: str | os.PathLike) -> None:
-    """Move every file of a finished temporary folder into `output_dir` (replacing what is there), then
-    drop the folder: readers see either the old files or complete new ones."""
-    for item in Path(tmp).iterdir():
-        target = Path(output_dir) / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
+FINAL_RECORD = ".pipeline_final_model.json"  # the entries of output_dir that the last final save wrote
+# what a final save of an earlier version may have left (those folders have no record)
+_MODEL_ENTRIES = ("config.json", "generation_config.json", "adapter_config.json", "adapter_model.safetensors",
+                  "adapter_model.bin", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                  "vocab.json", "merges.txt", "added_tokens.json", "README.md", "training_args.bin", "adapter")  # fmt: skip
+
+
+def final_tmp(output_dir: str | os.PathLike) -> Path:
+    """The empty folder a final model is assembled in (what a killed save left there is cleared)."""
+    tmp = Path(output_dir) / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def swap_in_final_model(tmp: Path, output_dir: str | os.PathLike) -> None:
+    """Replace the final model in `output_dir` by the one assembled in `tmp`: every entry of the previous
+    final save (its record, or the usual model files for older folders) moves aside, the new entries move
+    in, then the old ones are deleted. No file of an older model (an `adapter_config.json` next to a new
+    full model) survives, and nothing else in `output_dir` (run.json, checkpoints) is touched."""
+    import json
+
+    out = Path(output_dir)
+    record = out / FINAL_RECORD
+    try:
+        previous = json.loads(record.read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = [*_MODEL_ENTRIES, *(p.name for p in out.glob("model-*-of-*.safetensors"))]
+    aside = out / ".final.old"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    record.unlink(missing_ok=True)  # from here until the new record, the folder holds no claimed model
+    for name in previous:
+        if (out / name).exists() and not name.startswith("."):
+            os.replace(out / name, aside / name)
+    entries = sorted(p.name for p in tmp.iterdir())
+    for name in entries:
+        os.replace(tmp / name, out / name)
+    record_tmp = out / f".{FINAL_RECORD}.tmp"
+    record_tmp.write_text(json.dumps({"entries": entries}) + "\n")
+    os.replace(record_tmp, record)
+    shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_final_model(trainer, output_dir: str, merge_lora: bool = False) -> None:
-    """Save model + tokenizer under a temporary folder, then move the files into `output_dir`.
+    """Save model + tokenizer into an empty temporary folder, then swap it in (`swap_in_final_model`).
 
     All ranks must call `save_model` (DeepSpeed/FSDP gather weights there); only the main rank moves files.
     `merge_lora`: a LoRA adapter is merged into its base first, so the folder is a plain model (the adapter
     goes to `adapter/`).
     """
+    if is_main_process():
+        final_tmp(output_dir)
+    trainer.accelerator.wait_for_everyone()
     tmp = Path(output_dir) / ".final.tmp"
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():
         if merge_lora and not merge_saved_adapter(tmp):
             logger.warning("merge_lora: no LoRA adapter to merge (use_peft is off); saved the model as it is")
-        move_into(tmp, output_dir)
+        swap_in_final_model(tmp, output_dir)
     trainer.accelerator.wait_for_everyone()
 
 

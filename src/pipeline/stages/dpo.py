@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
+from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval, prepared_shards, read_prepared_split
 from pipeline.errors import PipelineError
@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
                 raise PipelineError(f"{name} '{source}': a preference file needs columns 'chosen' and 'rejected' "
                                     f"(and 'prompt' unless it is implicit); found {dataset.column_names}")  # fmt: skip
     configs = (data_args, training_args, model_args)
+    outputs.claim(training_args.output_dir, "dpo")
     refuse_resuming_another_run(
         training_args.output_dir, "dpo", configs, training_args.resume_from_checkpoint
     )
-    os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
     run = RunInfo(training_args.output_dir, "dpo", configs, training_args.seed)

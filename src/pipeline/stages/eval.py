@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import outputs
 from pipeline.configs import parse_stage_args
 from pipeline.data import load_files, sha256_file, write_parquet_atomic
 from pipeline.errors import PipelineError
@@ -882,8 +883,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec.fingerprint = model_fingerprint(spec.path)
     baseline = cfg.baseline or specs[0].name
 
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = outputs.claim(cfg.output_dir, "eval")
     log_path = setup_logging(output_dir)
     setup_tracking(cfg.report_to, output_dir)
     run = RunInfo(output_dir, "eval", (cfg,), cfg.seed)

@@ -39,12 +39,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import GRPOConfig, ModelConfig
 
+from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.errors import PipelineError
@@ -293,10 +293,10 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
     disable_eval_without_data(stage, training_args, eval_dataset)
 
     configs = (data_args, reward_args, training_args, model_args)
+    outputs.claim(training_args.output_dir, stage)
     refuse_resuming_another_run(
         training_args.output_dir, stage, configs, training_args.resume_from_checkpoint
     )
-    os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
     run = RunInfo(training_args.output_dir, stage, configs, training_args.seed)

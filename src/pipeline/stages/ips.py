@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
+from pipeline import outputs
 from pipeline.configs import StageOptions, parse_stage_args
 from pipeline.data import read_prepared_split
 from pipeline.errors import PipelineError
@@ -413,8 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     mismatch.record["starts_from_reference"] = mismatch.starts_from_reference
 
     # every check passed: only now is anything written
+    outputs.claim(args.output_dir, "ips")
     refuse_resuming_another_run(args.output_dir, "ips", (args, model_args), args.resume_from_checkpoint)
-    os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(args.output_dir)
     setup_tracking(args.report_to, args.output_dir)
     logger.info("ips: data %s", counts)

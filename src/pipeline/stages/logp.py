@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import outputs
 from pipeline.configs import parse_stage_args
 from pipeline.data import prepared_shards, remove_stale_temp_files, write_parquet_atomic
 from pipeline.errors import PipelineError
@@ -255,13 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not cfg.trust_pickles:
             raise PipelineError(f"import_pickles: reading '{cfg.import_pickles}' unpickles it, which runs any code "
                                 "the files hold; if you made these files yourself, pass --trust_pickles true")  # fmt: skip
-        return import_pickles(cfg.import_pickles, Path(cfg.output_dir))
+        return import_pickles(cfg.import_pickles, outputs.claim(cfg.output_dir, "logp"))
     if not cfg.data_path:
         raise PipelineError("data_path is required (a `pipeline prepare` output)")
     check_model_dir(cfg.model_name_or_path)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     prepare_manifest, inputs = read_prepare_output(cfg.data_path, splits)
-    output_dir = Path(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp")
+    output_dir = outputs.claim(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp", "logp")
 
     import torch
     from accelerate import PartialState

@@ -36,6 +36,9 @@ EOS rate. With `eval_data`, `num_eval_samples` responses per prompt are sampled 
 training and `run.json` records their mean score (`eval_reward_before`, `eval_reward`) and KL to the
 reference (`eval_kl`). Checkpoints (`save_strategy: steps`) hold the whole training state; rerunning with
 the same `output_dir` resumes from the latest one (`resume_from_checkpoint: false` starts afresh).
+Resuming unpickles nothing: weights are safetensors, the optimizer and RNG states are read with
+`torch.load(weights_only=True)`, the scheduler and β from JSON. DeepSpeed's own checkpoint reader
+unpickles, so a DeepSpeed resume needs `trust_checkpoint: true`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import torch
 from transformers import TrainingArguments
 from trl import ModelConfig
 
+from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.errors import PipelineError
@@ -71,7 +75,7 @@ from pipeline.resilience import merge_saved_adapter, refuse_resuming_another_run
 from pipeline.runinfo import RunInfo, setup_logging, setup_tracking
 from pipeline.stages.grpo import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
 from pipeline.tokenization import PromptError, reward_model_input_ids
-from pipeline.training import check_model_dir, move_into
+from pipeline.training import check_model_dir, final_tmp, swap_in_final_model
 
 log = logging.getLogger("pipeline.ppo")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -82,6 +86,13 @@ STATE_FILE = "ppo_state.json"
 class PPOStageConfig(TrainingArguments):
     """`TrainingArguments` plus PPO's own knobs. `max_steps` counts PPO updates (rollout batches)."""
 
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow resuming a DeepSpeed checkpoint (its reader unpickles files: only for "
+            "checkpoints this run wrote)."
+        },
+    )
     # rollout
     max_prompt_length: int = field(
         default=512, metadata={"help": "Prompts longer than this (tokens) are dropped."}
@@ -424,10 +435,15 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def own_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
+    """The complete checkpoints this stage wrote (a `checkpoint-N` without its state file is not touched)."""
+    return sorted((int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+                  if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file())  # fmt: skip
+
+
 def latest_checkpoint(output_dir: str) -> Path | None:
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
-             if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()]  # fmt: skip
-    return max(found)[1] if found else None
+    found = own_checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 def save_checkpoint(
@@ -444,15 +460,13 @@ def save_checkpoint(
     if main:
         (tmp / STATE_FILE).write_text(json.dumps({**state, "update": update}))
         if final.exists():
+            if not (final / STATE_FILE).is_file():
+                raise PipelineError(f"{final} was not written by this stage and this run would save over it; "
+                                    "move it out of output_dir and resume")  # fmt: skip
             shutil.rmtree(final)
         os.replace(tmp, final)
         if limit:
-            old = sorted(
-                (int(m.group(1)), p)
-                for p in Path(output_dir).glob("checkpoint-*")
-                if (m := CHECKPOINT.match(p.name))
-            )
-            for _, path in old[:-limit]:
+            for _, path in own_checkpoints(output_dir)[:-limit]:
                 shutil.rmtree(path, ignore_errors=True)
     barrier()
 
@@ -555,8 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ppo: ZeRO-3 and FSDP are not supported (generation needs whole weights); use ZeRO-2"
         )
     configs = (data_args, reward_args, args, model_args)
+    outputs.claim(args.output_dir, "ppo")
     refuse_resuming_another_run(args.output_dir, "ppo", configs, args.resume_from_checkpoint)
-    os.makedirs(args.output_dir, exist_ok=True)
     log_path = setup_logging(args.output_dir)
     setup_tracking(args.report_to, args.output_dir)
     run = RunInfo(args.output_dir, "ppo", configs, args.seed)
@@ -610,7 +624,6 @@ def main(argv: list[str] | None = None) -> dict:
             args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         )
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     history: list[dict] = []
     start_update = 0
@@ -623,9 +636,14 @@ def main(argv: list[str] | None = None) -> dict:
         if not (checkpoint / STATE_FILE).is_file():
             raise PipelineError(f"resume_from_checkpoint: '{resume}' is not a complete PPO checkpoint")
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        if plugin is not None and not args.trust_checkpoint:
+            raise PipelineError(f"resuming from {checkpoint}: DeepSpeed reads its checkpoints by unpickling, which "
+                                "runs any code the files hold; if this run wrote them, pass --trust_checkpoint "
+                                "true")  # fmt: skip
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         state = json.loads((checkpoint / STATE_FILE).read_text())
         start_update, kl_ctl.value, history = state["update"], state["kl_coef"], state["history"]
+        scheduler.load_state_dict(state["scheduler"])
         log.info("resumed from %s (update %d of %d)", checkpoint, start_update, updates)
 
     log.info("ppo: output_dir=%s log=%s; %d train prompts, %d eval prompts, rewards %s; %d updates of %d prompts"
@@ -675,8 +693,8 @@ def main(argv: list[str] | None = None) -> dict:
                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "update"),
                 )
             if args.save_strategy == "steps" and args.save_steps and (update + 1) % int(args.save_steps) == 0:
-                save_checkpoint(accelerator, args.output_dir, update + 1, {"kl_coef": kl_ctl.value, "history": history},
-                                args.save_total_limit, rank == 0)  # fmt: skip
+                save_checkpoint(accelerator, args.output_dir, update + 1, {"kl_coef": kl_ctl.value, "history": history,
+                                "scheduler": scheduler.state_dict()}, args.save_total_limit, rank == 0)  # fmt: skip
         if history:
             metrics.update(
                 score_start=history[0]["score"], score_end=history[-1]["score"], kl_end=history[-1]["kl"]
@@ -701,12 +719,12 @@ def main(argv: list[str] | None = None) -> dict:
 def save_policy(accelerator, model, tokenizer, output_dir: str, main: bool) -> None:
     """The policy (or its LoRA adapter) and tokenizer as a plain HF folder, written aside and moved in."""
     state = accelerator.get_state_dict(model)
-    tmp = Path(output_dir) / ".final.tmp"
     if main:
+        tmp = final_tmp(output_dir)
         policy = accelerator.unwrap_model(model).policy
         policy_state = {k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")}
         policy.save_pretrained(tmp, state_dict=policy_state)
         tokenizer.padding_side = "right"  # what training stages expect when they load it
         tokenizer.save_pretrained(tmp)
-        move_into(tmp, output_dir)
+        swap_in_final_model(tmp, output_dir)
     barrier()

@@ -46,8 +46,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import outputs
 from pipeline.configs import parse_stage_args
-from pipeline.data import atomic_directory, prepared_shards, resolve_files, sha256_file
+from pipeline.data import prepared_shards, resolve_files, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
 from pipeline.sandbox import code_fence_span
@@ -124,7 +125,13 @@ class PrepareConfig:
         metadata={"help": "Worker processes for cleaning/writing (0: up to 2 for inputs of 200k rows or more, "
                   "else 1). Output rows are the same; shard files are named per worker."},
     )  # fmt: skip
-    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it exists."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace output_dir if it exists and is an earlier prepare output "
+            "(any other folder is refused)."
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -890,6 +897,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.overwrite:
         raise PipelineError(f"output_dir '{out}' exists; choose another or pass --overwrite true")
+    files = resolve_files(cfg.data_path, "data_path")
+    outputs.check_replaceable(out, "prepare", [*files, cfg.tokenizer_name_or_path])
 
     tok_fingerprint = None
     if cfg.tokenizer_name_or_path:
@@ -905,7 +914,6 @@ def main(argv: list[str] | None = None) -> dict:
         tok_fingerprint = tokenizer_fingerprint(tokenizer)
 
     # pass 1: validate everything and decide each row's fate before writing anything
-    files = resolve_files(cfg.data_path, "data_path")
     sources = open_sources(files)
     for path, schema, _ in sources:
         check_schema(path, schema, cfg)
@@ -930,7 +938,7 @@ def main(argv: list[str] | None = None) -> dict:
         is_eval = split_of(index.prompt_keys, cfg.eval_fraction)
 
         plan = RowPlan(keep, rewards, index.prompt_keys, is_eval)
-        with atomic_directory(out) as tmp:
+        with outputs.replacing(out, "prepare", [*files, cfg.tokenizer_name_or_path]) as tmp:
             # per-process shard names; zero-padded so that they sort in row order
             prefixes = [f"w{k:03d}-" if num_proc > 1 else "" for k in range(num_proc)]
             # pairs whose rows are far apart are read back from the rl view's cleaned rows in pass 3: written

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.runinfo import RUN_FILE, atomic_write_text
 
@@ -802,6 +803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.output_dir
         else (dirs[0] if dirs[0].is_dir() else dirs[0].parent) / "report"
     )
+    outputs.check_ours(output_dir, "report")  # before the runs are read: a wrong folder is said at once
     group_fields = [f.strip() for f in args.group_by.split(",") if f.strip()] or ["stage"]
 
     def label_of(r: Record, lookup: FieldLookup) -> str:
@@ -856,7 +858,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aggs = aggregate(plotted, metrics, groups, use_x, args.before_point)
     _warn_repeated_seeds(aggs, plotted, args.x)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs.claim(output_dir, "report")
     csv_path = output_dir / "runs.csv"
     write_csv(csv_path, records, args.x, metrics)
     figures = []

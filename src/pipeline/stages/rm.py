@@ -29,6 +29,7 @@ from pathlib import Path
 
 from trl import ModelConfig, RewardConfig
 
+from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import FORMATS, load_train_eval, read_json_object, resolve_files
 from pipeline.errors import PipelineError
@@ -252,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
             eval_dataset.column_names, f"eval data {data_args.eval_data or data_args.dataset_name}"
         )
     configs = (data_args, training_args, model_args)
+    outputs.claim(training_args.output_dir, "rm")
     refuse_resuming_another_run(training_args.output_dir, "rm", configs, training_args.resume_from_checkpoint)
-    os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
     run = RunInfo(training_args.output_dir, "rm", configs, training_args.seed)

@@ -53,7 +53,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -64,8 +63,10 @@ from typing import Any
 
 import yaml
 
+from pipeline import outputs
 from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
+from pipeline.outputs import check_name
 from pipeline.runinfo import atomic_write_text
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\.([A-Za-z_]\w*))?\}")
@@ -133,6 +134,10 @@ def load_pipeline(
     sweep = raw.get("sweep") or {}
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         raise PipelineError(f"{path}: `sweep` maps each field to a non-empty list of values")
+    for key, values in sweep.items():
+        check_name(key, f"{path}: sweep field")
+        for value in values:
+            check_name(value, f"{path}: sweep value of {key}:")
     stages: list[StageSpec] = []
     for i, entry in enumerate(raw.get("stages") or []):
         where = f"{path}: stages[{i}]"
@@ -152,6 +157,7 @@ def load_pipeline(
             launch=entry.get("launch"),
             after=list(entry.get("after") or []),
         )
+        check_name(spec.name, f"{where}: stage name")
         if spec.stage not in STAGES or spec.stage in ("run", "demo"):
             raise PipelineError(f"{where}: unknown stage '{spec.stage}' (see `pipeline --help`)")
         if any(s.name == spec.name for s in stages):
@@ -382,11 +388,16 @@ def run_stage(stage: PlannedStage, log) -> float:
     from pipeline.cli import run_stage as run_in_process
 
     marker = marker_path(stage.run_dir, stage.spec.name)
-    marker.unlink(missing_ok=True)
     if stage.reason in STALE or stage.reason.startswith("--from"):
-        shutil.rmtree(
-            stage.output_dir, ignore_errors=True
-        )  # stale output (and checkpoints) must not be resumed
+        # stale output (and checkpoints) must not be resumed: set aside (only the stage's own output, never
+        # a folder holding its inputs), deleted once the new output is complete
+        try:
+            aside = outputs.set_aside(stage.output_dir, stage.spec.stage, input_paths(stage.args))
+        except PipelineError as err:
+            raise PipelineError(f"stage '{stage.spec.name}': {err}") from None
+        if aside is not None:
+            log(f"[{stage.spec.name}] previous output set aside as {aside.name} until this stage completes")
+    marker.unlink(missing_ok=True)
     started = time.time()
     log(f"[{stage.spec.name}] {stage.reason}: pipeline {stage.spec.stage} {' '.join(stage.argv())}")
     if stage.spec.launch:
@@ -398,10 +409,21 @@ def run_stage(stage: PlannedStage, log) -> float:
     else:
         run_in_process(stage.spec.stage, stage.argv())
     seconds = time.time() - started
+    outputs.drop_set_aside(stage.output_dir, stage.spec.stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"fingerprint": stage.fingerprint, "seconds": seconds,
                                           "stage": stage.spec.stage, "argv": stage.argv()}, indent=2))  # fmt: skip
     return seconds
+
+
+def input_paths(args: dict[str, Any]) -> list[str]:
+    """The stage's arguments that name existing files or folders (other than its output_dir)."""
+    found = []
+    for key, value in args.items():
+        for item in value if isinstance(value, list) else [value]:
+            if key != "output_dir" and isinstance(item, str) and item and os.path.exists(item):
+                found.append(item)
+    return found
 
 
 def launch_command(stage: PlannedStage) -> list[str]:
@@ -475,6 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"--index {args.index}: the sweep has {len(points)} points (0..{len(points) - 1})"
         )
     selected = [args.index] if args.index is not None else list(range(len(points)))
+    if not args.dry_run:  # the root holds the runner's records: a folder of other files is refused
+        outputs.claim(pipe.output_dir, "run")
     summary: dict[str, Any] = {"pipeline": str(pipe.path), "points": {}}
     if args.jobs > 1 and len(selected) > 1 and not args.dry_run:
         # shared stages once, here; then one subprocess per point, at most `jobs` at a time

@@ -16,10 +16,10 @@ commit, versions, host, eval loss before/after) and `run.log`.
 from __future__ import annotations
 
 import logging
-import os
 
 from trl import ModelConfig, SFTConfig
 
+from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.resilience import refuse_resuming_another_run
@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     # data problems are reported before anything is written
     train_dataset, eval_dataset = load_train_eval(data_args, training_args.seed)
     configs = (data_args, training_args, model_args)
+    outputs.claim(training_args.output_dir, "sft")
     refuse_resuming_another_run(
         training_args.output_dir, "sft", configs, training_args.resume_from_checkpoint
     )
-    os.makedirs(training_args.output_dir, exist_ok=True)
     log_path = setup_logging(training_args.output_dir)
     setup_tracking(training_args.report_to, training_args.output_dir)
     run = RunInfo(training_args.output_dir, "sft", configs, training_args.seed)

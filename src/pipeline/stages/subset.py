@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from pathlib import Path
 
-from pipeline.data import atomic_directory, resolve_files, sha256_file
+from pipeline import outputs
+from pipeline.data import resolve_files, sha256_file
 from pipeline.errors import PipelineError
 
 PROMPT_COLUMNS = ("prompt_pretokenized", "prompt", "messages")
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.size < 1:
         raise PipelineError(f"--size must be >= 1, got {args.size}")
     files = resolve_files(args.data, "--data")
+    outputs.check_replaceable(args.output_dir, "subset", files)
     table: pa.Table = load_files(args.data, "--data").data.table
     column = next((c for c in PROMPT_COLUMNS if c in table.column_names), None)
     if column is None:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_column": column,
         "rows_in": table.num_rows,
     }
-    with atomic_directory(Path(args.output_dir)) as tmp:
+    with outputs.replacing(args.output_dir, "subset", files) as tmp:
         pq.write_table(subset, tmp / "train.parquet")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"subset: {args.size} rows of {manifest['num_prompts']} prompts -> {args.output_dir}/train.parquet")

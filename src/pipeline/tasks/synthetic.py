@@ -488,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the eval pairs stay the task's own (default: 0)",
     )
     args = parser.parse_args(argv)
+    from pipeline import outputs
+
+    outputs.claim(args.output_dir, "synthetic-data")
     try:
         written = export_task(
             args.output_dir,
