@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import OWNER_FILE
 from pipeline.stages import report
 from pipeline.stages.report import main
 
@@ -160,7 +161,9 @@ def test_sweep_report_numbers_figures_and_tables(sweep, tmp_path, capsys):
     assert "Skipped 2 runs not completed (failed: 1, running: 1)" in md
     saved = json.loads((out / "report.json").read_text())
     assert saved["aggregates"] == json.loads(json.dumps(result["aggregates"]))
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [
+        p for p in out.iterdir() if p.name.startswith(".") and p.name != OWNER_FILE
+    ]  # no temporary files left
 
 
 def test_log2_axis_detection_and_names():

@@ -10,6 +10,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.redaction import redact_argv
 
 # stage name -> (module holding `main(argv)`, one-line description). Only implemented stages are listed.
 STAGES: dict[str, tuple[str, str]] = {
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     stage, rest = argv[0], argv[1:]
+    # every later reader of the process's command line (run.json, W&B's metadata, logs) sees no secret
+    sys.argv[1:] = redact_argv(sys.argv[1:])
     if stage not in STAGES:
         import difflib
 

@@ -301,7 +301,21 @@ class RecipeParser(TrlParser):
             raise self._unknown(flags[0][2:].split("=")[0], "command line")
         if remaining:
             raise PipelineError(f"unexpected argument '{remaining[0]}' (see `{self.prog} --help`)")
+        move_tokens_to_environment(parsed)
         return tuple(parsed)
+
+
+def move_tokens_to_environment(parsed) -> None:
+    """`hub_token` (and a `token` string in `model_init_kwargs`) move to HF_TOKEN, where huggingface_hub
+    reads them: the arguments the Trainer pickles into every checkpoint (`training_args.bin`) and the run
+    records then hold no key."""
+    for config in parsed:
+        if getattr(config, "hub_token", None):
+            os.environ["HF_TOKEN"] = config.hub_token
+            config.hub_token = None
+        kwargs = getattr(config, "model_init_kwargs", None)
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("token"), str):
+            os.environ["HF_TOKEN"] = kwargs.pop("token")
 
 
 def parse_stage_args(dataclass_types: tuple, argv: list[str] | None, stage: str) -> tuple:

@@ -10,8 +10,13 @@ either order is.
   the higher score wins, equal scores tie. Scores are memoised by text, so identical answers tie exactly.
 - :class:`OpenAIJudge`: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, TGI, llama.cpp
   server, ...), called with the standard library only. The API key is read from the environment variable
-  whose *name* is given (never logged, never written). Connection errors, timeouts, HTTP 429 and 5xx are
-  retried with exponential back-off; after the last try the error is one line (a `PipelineError`). Other
+  whose *name* is given (never logged, never written), and sent only to the configured origin: over https
+  or to this machine (over plain http elsewhere only with `allow_http_key`), and never after a redirect (a redirect is a one-line error
+  naming where it pointed). Connection errors, timeouts, HTTP 429 and 5xx are retried with exponential
+  back-off and jitter, waiting at least what a `Retry-After` header asks (at most `MAX_RETRY_WAIT` s); after
+  the last try the error is one line (a `PipelineError`). A reply over `MAX_REPLY_BYTES` is refused. With a
+  `cache_path`, every verdict is appended there as it arrives, keyed by the endpoint, model, settings and
+  the full request text, so a rerun after a failure asks only what is missing. Other
   HTTP errors (401, 404, ...) and a 200 reply that is not a chat completion (an HTML page, garbage) are
   one-line errors at once: the endpoint is misconfigured, and retrying would not help. A valid chat
   completion whose text does not start with the verdict letter (``A`` or ``B``) is an invalid judgement:
@@ -20,10 +25,12 @@ either order is.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
 import os
+import random
 import re
 import socket
 import threading
@@ -192,8 +199,66 @@ class RewardModelJudge(PairwiseJudge):
 # ------------------------------------------------------------------------------------------ OpenAI-compatible
 
 
+MAX_REPLY_BYTES = 1 << 20  # a chat completion of a few tokens is far smaller
+MAX_RETRY_WAIT = 300.0  # seconds: the longest wait a Retry-After header can ask for
+
+
 class _Retryable(Exception):
-    """A failure worth another try (network, timeout, 429, 5xx)."""
+    """A failure worth another try (network, timeout, 429, 5xx); `retry_after`: seconds the server asked."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (a number, or an HTTP date), capped; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_WAIT)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is not followed (the request, and its key, stay with the configured origin): urllib then
+    raises the 3xx as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class VerdictCache:
+    """Verdicts appended to a JSON-lines file as they arrive (a killed run keeps every finished one)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.verdicts: dict[str, float | None] = {}
+        self._lock = threading.Lock()
+        try:
+            with open(self.path) as fh:
+                for line in fh:
+                    try:
+                        item = json.loads(line)
+                        self.verdicts[item["key"]] = item["verdict"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut off by a kill
+        except FileNotFoundError:
+            pass
+
+    def add(self, key: str, verdict: float | None) -> None:
+        with self._lock:
+            self.verdicts[key] = verdict
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
 
 
 class OpenAIJudge(PairwiseJudge):
@@ -221,6 +286,8 @@ class OpenAIJudge(PairwiseJudge):
         max_tokens: int = 16,
         template: str = DEFAULT_JUDGE_TEMPLATE,
         progress: bool = True,
+        allow_http_key: bool = False,
+        cache_path: str | os.PathLike | None = None,
     ):
         parsed = urllib.parse.urlparse(base_url or "")
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -249,6 +316,10 @@ class OpenAIJudge(PairwiseJudge):
         self.max_tokens = int(max_tokens)
         self.template = template
         self.progress = progress
+        self.allow_http_key = allow_http_key
+        self.cache = VerdictCache(cache_path) if cache_path else None
+        self.cached = 0  # verdicts taken from the cache
+        self._opener = urllib.request.build_opener(_NoRedirect)
         self.requests = 0  # HTTP requests sent, retries included
         self.invalid = 0  # chat completions without a verdict
         self._lock = threading.Lock()
@@ -259,9 +330,13 @@ class OpenAIJudge(PairwiseJudge):
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
+        if key and (self.url.startswith("https://") or self.allow_http_key or _is_loopback(self.url)):
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def use_cache(self, path: str | os.PathLike) -> None:
+        """Keep every verdict in `path` (JSON lines), and take those already there instead of asking."""
+        self.cache = VerdictCache(path)
 
     def check_reachable(self) -> None:
         """Open (and close) a TCP connection to the endpoint's host: an unreachable judge is reported before
@@ -283,21 +358,29 @@ class OpenAIJudge(PairwiseJudge):
         with self._lock:
             self.requests += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                chunks = []
+            with self._opener.open(request, timeout=self.timeout) as response:
+                chunks, size = [], 0
                 while True:  # the socket timeout bounds each read; the deadline bounds a trickling body
                     chunk = response.read(1 << 16)
                     if not chunk:
                         break
                     chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_REPLY_BYTES:
+                        raise PipelineError(f"judge endpoint {self.url}: the reply is larger than "
+                                            f"{MAX_REPLY_BYTES >> 20} MiB; check judge_base_url")  # fmt: skip
                     if time.monotonic() > deadline:
                         raise _Retryable(f"timed out after {self.timeout:g} s")
                 body = b"".join(chunks)
         except urllib.error.HTTPError as err:
             status = err.code
-            detail = _snippet(err.read() if err.fp is not None else b"")
+            detail = _snippet(err.read(4096) if err.fp is not None else b"")
+            if 300 <= status < 400:
+                raise PipelineError(f"judge endpoint {self.url}: redirected (HTTP {status}) to "
+                                    f"{err.headers.get('Location')!r}, which is not followed (the key stays with "
+                                    "the configured origin); set judge_base_url to the final address") from None  # fmt: skip
             if status == 429 or status >= 500:
-                raise _Retryable(f"HTTP {status}") from None
+                raise _Retryable(f"HTTP {status}", _retry_after(err.headers.get("Retry-After"))) from None
             hint = ""
             if status in (401, 403):
                 hint = (
@@ -305,6 +388,8 @@ class OpenAIJudge(PairwiseJudge):
                     if self.api_key_env
                     else "; set judge_api_key_env to the name of the variable holding the key"
                 )
+                if self.url.startswith("http://") and not (self.allow_http_key or _is_loopback(self.url)):
+                    hint += " (the key is not sent over http unless judge_allow_http_key is true)"
             elif status == 404:
                 hint = "; judge_base_url should end where /chat/completions starts (often .../v1)"
             raise PipelineError(f"judge endpoint {self.url}: HTTP {status} {detail}{hint}") from None
@@ -336,16 +421,17 @@ class OpenAIJudge(PairwiseJudge):
 
     def _post_with_retries(self, payload: dict) -> dict:
         encoded = json.dumps(payload).encode()
-        reason = ""
+        reason, wait = "", 0.0
         for attempt in range(self.max_retries + 1):
             if self._stop.is_set():
                 raise PipelineError("judge: stopped after an earlier request failed")
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                # jitter spreads the retries of concurrent requests; Retry-After is a floor
+                time.sleep(max(wait, self.backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
             try:
                 return self._post_once(encoded)
             except _Retryable as err:
-                reason = str(err)
+                reason, wait = str(err), err.retry_after or 0.0
                 logger.warning(
                     "judge endpoint %s: try %d of %d failed: %s",
                     self.url,
@@ -364,6 +450,19 @@ class OpenAIJudge(PairwiseJudge):
             .replace("{answer_a}", first)
             .replace("{answer_b}", second)
         )
+        key = hashlib.sha256(
+            json.dumps([self.base_url, self.model, self.max_tokens, text]).encode()
+        ).hexdigest()
+        if self.cache is not None and key in self.cache.verdicts:
+            with self._lock:
+                self.cached += 1
+            return self.cache.verdicts[key]
+        verdict = self._ask(text)
+        if self.cache is not None:
+            self.cache.add(key, verdict)
+        return verdict
+
+    def _ask(self, text: str) -> float | None:
         data = self.post(
             {
                 "model": self.model,
@@ -403,6 +502,19 @@ class OpenAIJudge(PairwiseJudge):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return out
+
+
+def _is_loopback(url: str) -> bool:
+    """A URL on this machine (localhost, 127.0.0.0/8, ::1): plain http never leaves it."""
+    import ipaddress
+
+    host = urllib.parse.urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _reason(err: Any) -> str:

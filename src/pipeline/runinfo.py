@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.redaction import redact_argv
+
 RUN_FILE = "run.json"
 LOG_FILE = "run.log"
-# config fields that may hold credentials; never written to run.json
-_SECRET_FIELDS = {"hub_token", "push_to_hub_token", "api_key", "token"}
 _PACKAGES = (
     "pipeline",
     "torch",
@@ -65,15 +65,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def config_dict(*configs: Any) -> dict[str, Any]:
-    """Flatten the stage's dataclasses into one JSON-safe mapping, secrets removed."""
+    """Flatten the stage's dataclasses into one JSON-safe mapping, secrets redacted at any depth."""
+    from pipeline.redaction import redact
+
     out: dict[str, Any] = {}
     for cfg in configs:
         if cfg is None:
             continue
         for f in dataclasses.fields(cfg):
-            if f.name.startswith("_") or f.name in _SECRET_FIELDS:
-                continue
-            out[f.name] = _jsonable(getattr(cfg, f.name))
+            if not f.name.startswith("_"):
+                out[f.name] = redact(_jsonable(getattr(cfg, f.name)), f.name)
     return out
 
 
@@ -142,7 +143,7 @@ class RunInfo:
             "stage": stage,
             "status": "running",
             "seed": seed,
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+            "command": [Path(sys.argv[0]).name, *redact_argv(sys.argv[1:])],
             "config": config_dict(*configs),
             "git": git_state(),
             "packages": package_versions(),
@@ -169,6 +170,15 @@ def read_run_info(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (run.log and the console) with credentials replaced (`pipeline.redaction.redact_text`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from pipeline.redaction import redact_text
+
+        return redact_text(super().format(record))
+
+
 def close_logging() -> None:
     """Detach the handlers `setup_logging` added: a stage's run.log receives nothing after it ends."""
     root = logging.getLogger()
@@ -184,7 +194,7 @@ def setup_logging(output_dir: str | os.PathLike, level: int = logging.INFO) -> P
 
     log_path = Path(output_dir) / LOG_FILE
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = _RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger()
     close_logging()  # a previous in-process run (tests, sweeps) must not keep writing into its own log file
     file_handler = logging.FileHandler(log_path)

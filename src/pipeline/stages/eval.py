@@ -28,9 +28,12 @@ Scorers (`scorers`):
 - `pairwise_judge`: every model against `baseline` (default the first model), answer i against answer i,
   judged in both orders so position bias cancels (`pipeline.judges`). `judge: reward_model` (the model in
   `reward_model_path`) or `judge: openai`: any OpenAI-compatible endpoint (`judge_base_url`, `judge_model`;
-  the key is read from the environment variable named by `judge_api_key_env`, never logged). Requests time
-  out after `judge_timeout` s and are retried `judge_max_retries` times with exponential back-off; a dead
-  endpoint is one line, before anything is generated. A reply without a verdict is an invalid judgement,
+  the key is read from the environment variable named by `judge_api_key_env`, never logged, and sent only
+  to that origin over https or on this machine, never after a redirect). Requests time out after
+  `judge_timeout` s and are retried `judge_max_retries` times with exponential back-off (and `Retry-After`);
+  a dead endpoint is one line, before anything is generated. Every verdict is kept in
+  `<answers_cache>/judge_verdicts.jsonl` as it arrives, so a rerun after a failure asks only what is
+  missing (`judge_cached` counts the verdicts reused). A reply without a verdict is an invalid judgement,
   counted (`invalid`) and left out; a reply that is not a chat completion is an error.
 
 Writes to `output_dir`, each file under a temporary name then renamed: `eval.csv` (one row per model and
@@ -204,6 +207,13 @@ class EvalConfig:
     )
     judge_backoff: float = field(
         default=1.0, metadata={"help": "First wait between judge retries, in seconds; doubled each time."}
+    )
+    judge_allow_http_key: bool = field(
+        default=False,
+        metadata={
+            "help": "Send the judge's key over plain http to another machine (by default only https, or "
+            "http to this machine, gets it)."
+        },
     )
     judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
     judge_max_tokens: int = field(default=16, metadata={"help": "max_tokens of each judge request."})
@@ -768,6 +778,7 @@ def build_judge(cfg: EvalConfig, rm_judge: RewardModelJudge | None) -> PairwiseJ
         concurrency=cfg.judge_concurrency,
         max_tokens=cfg.judge_max_tokens,
         template=cfg.judge_template or DEFAULT_JUDGE_TEMPLATE,
+        allow_http_key=cfg.judge_allow_http_key,
     )
     if cfg.judge_api_key_env and not os.environ.get(cfg.judge_api_key_env):
         logger.info(
@@ -896,6 +907,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampling_settings(cfg),
     )
     cache_dir = Path(cfg.answers_cache or output_dir / "answers")
+    if isinstance(judge, OpenAIJudge):  # a rerun after a failure pays only for the verdicts still missing
+        judge.use_cache(cache_dir / "judge_verdicts.jsonl")
     metrics: dict[str, Any] = {"num_prompts": len(items)}
     try:
         answers = {spec.name: answers_for(spec, items, cfg, cache_dir) for spec in specs}
@@ -954,6 +967,7 @@ def score_all(cfg, items, answers, baseline, judge):
         }
         if isinstance(judge, OpenAIJudge):
             judge_stats["judge_requests"] = judge.requests
+            judge_stats["judge_cached"] = judge.cached
 
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []

@@ -67,6 +67,7 @@ from pipeline import outputs
 from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.outputs import check_name
+from pipeline.redaction import redact_argv
 from pipeline.runinfo import atomic_write_text
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\.([A-Za-z_]\w*))?\}")
@@ -399,7 +400,9 @@ def run_stage(stage: PlannedStage, log) -> float:
             log(f"[{stage.spec.name}] previous output set aside as {aside.name} until this stage completes")
     marker.unlink(missing_ok=True)
     started = time.time()
-    log(f"[{stage.spec.name}] {stage.reason}: pipeline {stage.spec.stage} {' '.join(stage.argv())}")
+    log(
+        f"[{stage.spec.name}] {stage.reason}: pipeline {stage.spec.stage} {' '.join(redact_argv(stage.argv()))}"
+    )
     if stage.spec.launch:
         result = subprocess.run(launch_command(stage), check=False)
         if result.returncode != 0:
@@ -412,7 +415,7 @@ def run_stage(stage: PlannedStage, log) -> float:
     outputs.drop_set_aside(stage.output_dir, stage.spec.stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"fingerprint": stage.fingerprint, "seconds": seconds,
-                                          "stage": stage.spec.stage, "argv": stage.argv()}, indent=2))  # fmt: skip
+                                          "stage": stage.spec.stage, "argv": redact_argv(stage.argv())}, indent=2))  # fmt: skip
     return seconds
 
 
@@ -440,7 +443,7 @@ def run_point(pipe: Pipeline, point: dict, force_from: str | None, dry_run: bool
     for stage in planned:
         if dry_run or stage.action == "skip":
             log(f"[{stage.spec.name}] {stage.action}: {stage.reason}" + ("" if stage.action == "skip" else
-                f"\n    pipeline {stage.spec.stage} {' '.join(stage.argv())}"))  # fmt: skip
+                f"\n    pipeline {stage.spec.stage} {' '.join(redact_argv(stage.argv()))}"))  # fmt: skip
             records.append({"stage": stage.spec.name, "action": stage.action, "reason": stage.reason})
             continue
         if stage.spec.shared:
