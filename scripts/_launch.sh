@@ -84,3 +84,10 @@ run_or_print() {
   for a in "$@"; do [ -n "$a" ] && args+=("$a"); done  # drop emptied entries
   if [ "${dryrun:-0}" = "1" ]; then printf '%q ' "${args[@]}"; echo; else exec "${args[@]}"; fi
 }
+
+# path_name WHAT VALUE: VALUE becomes part of a folder name; refuse separators, "." and ".." in one line
+path_name() {
+  case "$2" in
+    ""|.|..|*/*) echo "$(basename "$0"): error: $1 '$2' becomes part of a folder name: use a name without '/', and not '.' or '..'" >&2; exit 2 ;;
+  esac
+}

@@ -18,6 +18,7 @@ if [ $# -lt 3 ]; then
 fi
 datapath=${1%/}; modelpath=$2; tag=$3; shift 3
 source "$(dirname "$0")/_launch.sh"
+path_name TAG "$tag"
 logp_ds=${ds:-ddp}
 ds_flags "$logp_ds"
 if [ "$DS_KIND" != ddp ] && [ "$DS_KIND" != single ]; then

@@ -26,6 +26,7 @@ fi
 datapath=${1%/}; modelpath=$2; tag=$3; rewardkey=$4; rspkey=$5; datafilter=$6; shift 6
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/_launch.sh"
+path_name TAG "$tag"; path_name REWARDKEY "$rewardkey"; path_name DATAFILTER "$datafilter"
 launch_prefix "${ds:-zero2}"
 report=(--report_to none)
 if [ -n "${proj:-}" ]; then export WANDB_PROJECT=$proj; report=(--report_to wandb); fi

@@ -325,3 +325,18 @@ def test_swap_in_final_model_of_an_older_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [FINAL_RECORD, "checkpoint-1", "config.json",
                                                       "model.safetensors", "run.json", "tokenizer.json"]  # fmt: skip
     assert (out / "tokenizer.json").read_text() == "new" and (out / "run.json").read_text() == "old"
+
+
+def test_the_scripts_refuse_names_that_would_leave_their_folder(tmp_path):
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    for script, argv in (("train.sh", ["data", "model", "../up", "reward", "resp", "none"]),
+                         ("run_logp.sh", ["data", "model", "a/b"]),
+                         ("train.sh", ["data", "model", "ref", "reward", "resp", ".."])):  # fmt: skip
+        done = subprocess.run(["bash", str(repo / "scripts" / script), *argv], capture_output=True, text=True,
+                              cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "dryrun": "1"})  # fmt: skip
+        assert (
+            done.returncode == 2 and "becomes part of a folder name" in done.stderr.strip().splitlines()[-1]
+        )
+        assert list(tmp_path.iterdir()) == []

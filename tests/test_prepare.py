@@ -417,3 +417,27 @@ def test_reward_key_named_like_the_output_column(tmp_path):
         pid = write(tmp_path, [{**r, "prompt_id": 1} for r in rows], "pid.parquet")
         run(tmp_path / "pid", pid, "--reward_key", "reward")
     assert not (tmp_path / "both").exists() and not (tmp_path / "pid").exists()
+
+
+def test_oversized_text_is_counted_and_dropped_before_parsing_or_tokenizing(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """A response over max_text_bytes never reaches the tokenizer, a prompt over it never reaches the JSON
+    parser; both are counted; their pairs go with them and the other rows keep theirs."""
+    rows = rows_for({"a": [1.0, 0.0, 0.5], "b": [1.0, 0.0]})
+    rows[1]["unprocessed_response"] = "x" * 5_000  # a's worst answer: its pair with a's best goes too
+    rows[3]["prompt_pretokenized"] = json.dumps([{"role": "user", "content": "b" * 5_000}])
+    import pipeline.stages.prepare as prep
+
+    seen = []
+    real = prep.token_lengths
+    monkeypatch.setattr(prep, "token_lengths", lambda tok, p, r: seen.extend(r) or real(tok, p, r))
+    data = write(tmp_path, rows)
+    for extra in ([], ["--tokenizer_name_or_path", str(tiny_model_dir), "--max_length", "4096"]):
+        out, manifest = run(tmp_path / str(len(extra)), data, "--eval_fraction", "0", "--max_text_bytes", "4000",
+                            "--pair_margin", "0.1", *extra)  # fmt: skip
+        assert sorted(r["uid"] for r in all_rl(out)) == ["p0-r0", "p0-r2", "p1-r1"]
+        assert manifest["drops"]["text_too_large"] == 2
+        pairs = read(out, "pairs")
+        assert [(p["chosen_uid"], p["rejected_uid"]) for p in pairs] == [("p0-r0", "p0-r2")]
+    assert seen and all(len(r) < 4000 for r in seen)

@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_model_dir(cfg.model_name_or_path)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     prepare_manifest, inputs = read_prepare_output(cfg.data_path, splits)
+    if not cfg.output_dir:
+        outputs.check_name(cfg.tag, "tag")
     output_dir = outputs.claim(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp", "logp")
 
     import torch

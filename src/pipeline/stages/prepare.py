@@ -118,6 +118,13 @@ class PrepareConfig:
         default=10_000, metadata={"help": "Rows per parquet row group in the outputs."}
     )
     shard_rows: int = field(default=500_000, metadata={"help": "Rows per output shard file."})
+    max_text_bytes: int = field(
+        default=1_000_000,
+        metadata={
+            "help": "Rows whose prompt or response is longer than this many bytes (UTF-8) are dropped and "
+            "counted (drops.text_too_large) before anything parses, cleans or tokenizes them."
+        },
+    )
     batch_rows: int = field(default=5_000, metadata={"help": "Rows read per batch (bounds memory)."})
     seed: int = field(default=0, metadata={"help": "Salt of the prompt hash that decides the split."})
     num_proc: int = field(
@@ -271,6 +278,7 @@ class RowIndex:
     rewards: np.ndarray  # raw rewards, float64
     prompt_keys: np.ndarray  # uint64 hash of the canonical prompt
     duplicate: np.ndarray  # bool, a later occurrence of a uid
+    too_large: np.ndarray  # bool, a prompt or response over max_text_bytes
 
 
 def first_bad(mask: np.ndarray, uids: list[str] | pa.Array, offset: int) -> str:
@@ -286,13 +294,21 @@ class ScanJob:
     file_row: int  # the unit's first row counted within its file, as errors name rows
 
 
-def scan_unit(job: ScanJob) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Pass 1 over one work unit: validate ids, prompts and rewards; return (rewards, prompt keys, uids)."""
+def text_too_large(column: pa.Array, limit: int) -> np.ndarray:
+    """Rows of a text column longer than `limit` bytes (other column types: none)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return np.zeros(len(column), dtype=bool)
+    return pc.fill_null(pc.greater(pc.binary_length(column), limit), False).to_numpy(zero_copy_only=False)
+
+
+def scan_unit(job: ScanJob) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+    """Pass 1 over one work unit: validate ids, prompts and rewards; return (rewards, prompt keys, uids, rows
+    whose prompt or response is over max_text_bytes: dropped before anything parses or tokenizes them)."""
     cfg, (path, group, _, _) = job.cfg, job.unit
-    rewards, keys, uid_chunks = [], [], []
+    rewards, keys, uid_chunks, large = [], [], [], []
     key_of = prompt_hasher(cfg.seed)
     offset = job.file_row
-    columns = ["uid", PROMPT_KEY, cfg.reward_key]
+    columns = ["uid", PROMPT_KEY, cfg.reward_key, cfg.response_key]
     for batch in iter_batches(path, cfg.batch_rows, columns, None if group is None else [group]):
         uid_col = batch.column("uid")
         if uid_col.null_count:
@@ -310,12 +326,15 @@ def scan_unit(job: ScanJob) -> tuple[np.ndarray, np.ndarray, pa.Array]:
                 f"{path}: column '{cfg.reward_key}' has a non-finite value "
                 f"({values[np.flatnonzero(bad)[0]]}) at {first_bad(bad, uid_col, offset)}"
             )
-        keys.append(hash_prompts(batch.column(PROMPT_KEY), key_of, path, uid_col, offset))
+        too_large = text_too_large(batch.column(PROMPT_KEY), cfg.max_text_bytes)
+        too_large |= text_too_large(batch.column(cfg.response_key), cfg.max_text_bytes)
+        keys.append(hash_prompts(batch.column(PROMPT_KEY), key_of, path, uid_col, offset, too_large))
+        large.append(too_large)
         rewards.append(values)
         uid_chunks.append(uid_col)
         offset += len(batch)
     uids = pa.concat_arrays(uid_chunks) if uid_chunks else pa.array([], pa.string())
-    return np.concatenate(rewards), np.concatenate(keys), uids
+    return np.concatenate(rewards), np.concatenate(keys), uids, np.concatenate(large)
 
 
 def scan_rows(sources, units, cfg: PrepareConfig, pool=None, workers: int = 0) -> RowIndex:
@@ -326,12 +345,24 @@ def scan_rows(sources, units, cfg: PrepareConfig, pool=None, workers: int = 0) -
         file_start[path], start = start, start + rows
     jobs = [ScanJob(cfg, unit, unit[2] - file_start[unit[0]]) for unit in units]
     parts = run_shared(scan_unit, jobs, pool, workers)
-    rewards, keys, uids = zip(*parts, strict=True)
-    return RowIndex(np.concatenate(rewards), np.concatenate(keys), find_duplicates(list(uids), cfg))
+    rewards, keys, uids, large = zip(*parts, strict=True)
+    return RowIndex(np.concatenate(rewards), np.concatenate(keys), find_duplicates(list(uids), cfg),
+                    np.concatenate(large))  # fmt: skip
 
 
-def hash_prompts(prompts: pa.Array, key_of, path: str, uids: pa.Array, offset: int) -> np.ndarray:
-    """uint64 key per row; each distinct prompt text is parsed and hashed once (RL data repeats prompts)."""
+def hash_prompts(
+    prompts: pa.Array, key_of, path: str, uids: pa.Array, offset: int, skip: np.ndarray | None = None
+) -> np.ndarray:
+    """uint64 key per row; each distinct prompt text is parsed and hashed once (RL data repeats prompts).
+    Rows in `skip` (too large to parse) get key 0 and are never parsed."""
+    if skip is not None and skip.any():
+        keys = np.zeros(len(prompts), dtype=np.uint64)
+        rows = np.flatnonzero(~skip)
+        if len(rows):
+            keys[rows] = hash_prompts(
+                prompts.take(pa.array(rows)), key_of, path, uids.take(pa.array(rows)), offset
+            )
+        return keys
     if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
         if prompts.null_count:
             at = first_null(prompts)
@@ -892,6 +923,8 @@ def main(argv: list[str] | None = None) -> dict:
         parse_clip(cfg.reward_clip)
     if not 0 <= cfg.eval_fraction < 1:
         raise PipelineError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_text_bytes < 1:
+        raise PipelineError(f"max_text_bytes must be >= 1, got {cfg.max_text_bytes}")
     if cfg.max_length is not None and not cfg.tokenizer_name_or_path:
         raise PipelineError("max_length needs tokenizer_name_or_path (the length is counted in its tokens)")
     out = Path(cfg.output_dir)
@@ -929,8 +962,9 @@ def main(argv: list[str] | None = None) -> dict:
         index = scan_rows(sources, units, cfg, pool, num_proc - 1)
         seconds = {"scan": time.time() - started}
         pa.default_memory_pool().release_unused()  # pass 1's batches are gone; give their memory back
-        drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum())}
-        keep = ~index.duplicate
+        drops: dict[str, int] = {"duplicate_uid": int(index.duplicate.sum()),
+                                 "text_too_large": int((index.too_large & ~index.duplicate).sum())}  # fmt: skip
+        keep = ~index.duplicate & ~index.too_large
         rewards = transform_rewards(index, keep, cfg)
         kept = apply_datafilter(index, rewards, keep, cfg)
         drops[f"datafilter_{cfg.datafilter}"] = int(keep.sum() - kept.sum())
