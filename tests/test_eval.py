@@ -399,6 +399,31 @@ def test_a_garbage_server_is_a_one_line_error(
     assert read_json(tmp_path / "out" / "run.json")["status"] == "failed"
 
 
+def test_a_rerun_after_a_judge_failure_asks_only_what_is_missing(
+    tmp_path, tiny_model_dir, other_model_dir, judge_server, monkeypatch
+):
+    stub_generation(monkeypatch, lambda name, text, s: ANSWERS[name])
+    down = [False]
+
+    def flaky(request, headers, n):  # the 6th request finds the key revoked (401: not retried)
+        down[0] = down[0] or n == 6
+        return (
+            (401, b"{}")
+            if down[0]
+            else (200, chat_completion("A" if "return" in answers_in(request)[0] else "B"))
+        )
+
+    url, seen = judge_server(flaky)
+    with pytest.raises(PipelineError, match="HTTP 401"):
+        run_with_judge(tmp_path, tiny_model_dir, other_model_dir, url, "--judge_concurrency", "1")
+    paid = [json.dumps(request) for _, request, _ in seen[:5]]
+    down[0], seen[:] = False, []
+    metrics = run_with_judge(tmp_path, tiny_model_dir, other_model_dir, url, "--judge_concurrency", "1")
+    assert metrics["judge_cached"] == 5 and metrics["judge_requests"] == 3  # 4 prompts x 2 orders, 5 kept
+    assert not {json.dumps(request) for _, request, _ in seen} & set(paid)
+    assert metrics["cand/win_rate"] == 1.0
+
+
 def test_a_server_that_never_answers_times_out_in_time(judge_server):
     url, seen = judge_server(lambda request, headers, n: (None, b""))
     judge = OpenAIJudge(
