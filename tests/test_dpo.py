@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.models import load_for_generation
 from pipeline.stages import dpo, logp, prepare
-from pipeline.stages.generate import greedy_pass_rate, load_for_generation
+from pipeline.stages.generate import greedy_pass_rate
 from pipeline.tasks.synthetic import export_task
 
 FAST = ["--bf16", "false", "--gradient_checkpointing", "false", "--dtype", "float32", "--report_to", "none",

@@ -8,8 +8,9 @@ not asserted here: on this task a wrong answer differs from the right one in a s
 down its likelihood also pushes down the shared tokens, and the outcome varied with the seed.
 """
 
+from pipeline.models import load_for_generation
 from pipeline.stages import ips, logp, prepare
-from pipeline.stages.generate import greedy_pass_rate, load_for_generation
+from pipeline.stages.generate import greedy_pass_rate
 
 
 def test_ips_beats_its_sft_starting_point(tmp_path, sft_setup):

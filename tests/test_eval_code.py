@@ -13,7 +13,8 @@ import pytest
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.stages import eval_code
-from pipeline.stages.eval_code import estimate_pass_at_k, main, pass_at_k
+from pipeline.stages.eval_code import main
+from pipeline.stats import estimate_pass_at_k, pass_at_k
 
 TOY = {
     "task_id": "toy/0",

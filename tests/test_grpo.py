@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.rewards.online import RewardArguments, prompt_dataset
 from pipeline.stages import grpo, rloo
-from pipeline.stages.grpo import RewardArguments, prompt_dataset
 from pipeline.tasks.synthetic import generate_problems, split_problems
 
 # fp32 on CPU, no checkpoints; sampled completions of the 2-line solutions need < 48 tokens

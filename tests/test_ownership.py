@@ -17,8 +17,7 @@ import pytest
 import pipeline.cli
 from pipeline import outputs
 from pipeline.errors import PipelineError
-from pipeline.resilience import BEGUN_MARKER, COMPLETE_MARKER, resolve_resume
-from pipeline.training import FINAL_RECORD, swap_in_final_model
+from pipeline.training import BEGUN_MARKER, COMPLETE_MARKER, FINAL_RECORD, resolve_resume, swap_in_final_model
 
 TRAIN = ["--bf16", "false", "--gradient_checkpointing", "false", "--dtype", "float32", "--report_to", "none",
          "--max_length", "96", "--max_train_samples", "16", "--per_device_train_batch_size", "4"]  # fmt: skip

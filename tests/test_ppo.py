@@ -151,7 +151,7 @@ def test_rollout_logps_equal_each_sequence_scored_alone(sft_setup, prompts):
     ratio is exactly 1), and values are read at the positions before each response token."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.stages.grpo import RewardArguments, build_reward_funcs
+    from pipeline.rewards.online import RewardArguments, build_reward_funcs
 
     args = ppo.PPOStageConfig(
         output_dir="unused", per_device_train_batch_size=3, max_new_tokens=24, temperature=0.9
@@ -275,7 +275,7 @@ def test_reward_model_with_another_tokenizer_scores_the_text(
 ):
     from transformers import AutoTokenizer
 
-    from pipeline.stages.rm import load_reward_model
+    from pipeline.models import load_reward_model
 
     rm_tokenizer, rm = load_reward_model(foreign_reward_model)
     policy_tokenizer = AutoTokenizer.from_pretrained(sft_setup["model"])

@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from pipeline import stats
 from pipeline.errors import PipelineError
 from pipeline.outputs import OWNER_FILE
 from pipeline.stages import report
@@ -84,13 +85,13 @@ def _read_png(path):
 
 def test_t_critical_and_mean_ci_match_tables():
     for df, value in T_975.items():
-        assert report.t_critical(df) == pytest.approx(value, rel=1e-9)
-    assert report.t_critical(200) == pytest.approx(1.971896739, rel=1e-6)
+        assert stats.t_critical(df) == pytest.approx(value, rel=1e-9)
+    assert stats.t_critical(200) == pytest.approx(1.971896739, rel=1e-6)
     values = [0.3, 0.32, 0.38]
-    mean, half = report.mean_ci(values)
+    mean, half = stats.mean_ci(values)
     assert mean == pytest.approx(sum(values) / 3)
     assert half == pytest.approx(T_975[2] * statistics.stdev(values) / math.sqrt(3), rel=1e-9)
-    assert report.mean_ci([0.7]) == (0.7, None)
+    assert stats.mean_ci([0.7]) == (0.7, None)
 
 
 def test_sweep_report_numbers_figures_and_tables(sweep, tmp_path, capsys):

@@ -9,8 +9,8 @@ import torch
 from trl import SFTTrainer
 
 from pipeline.errors import PipelineError
-from pipeline.resilience import COMPLETE_MARKER, checkpoint_folders
 from pipeline.stages import sft
+from pipeline.training import COMPLETE_MARKER, checkpoint_folders
 
 # fp32 on the CPU, a constant learning rate, within one epoch of 32 rows: every step's loss is a
 # deterministic function of the rows it sees (the loss is normalised by the step's token count, so it does

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.models import load_for_generation
 from pipeline.stages import sft
-from pipeline.stages.generate import generate, load_for_generation
+from pipeline.stages.generate import generate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes/demo/sft.yaml")

@@ -322,12 +322,12 @@ def parse_stage_args(dataclass_types: tuple, argv: list[str] | None, stage: str)
     """Parse a stage's recipe + flags into instances of `dataclass_types`.
 
     With `dry_run: true` the recipe is parsed again with the dry run's settings appended as flags
-    (`pipeline.resilience.dry_run_flags`), so every dataclass validates the values it will run with."""
+    (`pipeline.training.dry_run_flags`), so every dataclass validates the values it will run with."""
     parser = RecipeParser(dataclass_types, prog=f"pipeline {stage}")
     argv = list(argv or [])
     if "dry_run" not in parser.valid_keys() or not dry_run_requested(parser, argv):
         return parser.parse(argv)
-    from pipeline.resilience import dry_run_flags, dry_run_hardware_flags
+    from pipeline.training import dry_run_flags, dry_run_hardware_flags
 
     keys = set(parser.valid_keys())
     argv = [*argv, *dry_run_hardware_flags(keys)]

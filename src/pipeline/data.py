@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -20,8 +20,6 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
-
-    from pipeline.configs import DataArguments
 
 # file suffix -> `datasets` builder name
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -96,8 +94,9 @@ def check_parquet_files(files: list[str], what: str) -> int:
     return total
 
 
-def load_train_eval(args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Training and (optional) evaluation datasets from `train_data`/`eval_data` or a `datasets` name."""
+def load_train_eval(args: Any, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Training and (optional) evaluation datasets from `train_data`/`eval_data` or a `datasets` name.
+    `args`: a `pipeline.configs.DataArguments` (not imported here: configs imports this module)."""
     if args.train_data:
         train = load_files(args.train_data, "train_data")
         evaluation = load_files(args.eval_data, "eval_data") if args.eval_data else None

@@ -42,12 +42,13 @@ from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval, prepared_shards, read_prepared_split
 from pipeline.errors import PipelineError
 from pipeline.logp_store import Expected, check_contract, read_logps, read_store_manifest, training_dtype
-from pipeline.resilience import limit_rows, refuse_resuming_another_run
+from pipeline.models import check_model_dir
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
-    check_model_dir,
     keep_bnb_4bit_trainable_on_cpu,
+    limit_rows,
     model_init_kwargs,
+    refuse_resuming_another_run,
     train_evaluate_save,
 )
 

@@ -70,8 +70,9 @@ from pipeline.judges import (
     RewardModelJudge,
     judge_both_orders,
 )
+from pipeline.models import check_model_dir
 from pipeline.runinfo import RunInfo, atomic_write_text, config_dict, setup_logging, setup_tracking
-from pipeline.training import check_model_dir
+from pipeline.stats import bootstrap, pass_at_k_of, stable_seed
 
 logger = logging.getLogger("pipeline.eval")
 
@@ -394,7 +395,7 @@ def load_prompts(cfg: EvalConfig) -> list[PromptItem]:
 
 
 def _prompts_from_files(cfg: EvalConfig) -> list[PromptItem]:
-    from pipeline.stages.grpo import RewardArguments, prompt_dataset
+    from pipeline.rewards.online import RewardArguments, prompt_dataset
 
     spec = cfg.prompts
     rows = load_files(spec, "prompts")
@@ -525,11 +526,6 @@ def sampling_settings(cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
-def _stable_seed(*parts: Any) -> int:
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def generate_answers(
     tokenizer,
     model,
@@ -576,7 +572,7 @@ def generate_answers(
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        torch.manual_seed(_stable_seed(seed, batch))
+        torch.manual_seed(stable_seed(seed, batch))
         with torch.no_grad():
             out = model.generate(**enc, generation_config=config)
         decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -689,7 +685,7 @@ def answers_for(
 def _load_generator(spec: ModelSpec, cfg: EvalConfig):
     import torch
 
-    from pipeline.stages.generate import load_for_generation
+    from pipeline.models import load_for_generation
 
     tokenizer, model = load_for_generation(spec.path, key="models", dtype=_torch_dtype(cfg.dtype))
     if torch.cuda.is_available():
@@ -732,36 +728,6 @@ def score_code(
         for (m, it, s, _), r in zip(humaneval, rewards, strict=True):
             passed[m][it.key][s] = None if r is None else r >= 1.0
     return passed
-
-
-def pass_at_k_of(flags: list[bool | None], ks: list[int]) -> dict[str, float | None]:
-    from pipeline.stages.eval_code import pass_at_k
-
-    if any(f is None for f in flags):
-        return {f"pass@{k}": None for k in ks}
-    n, c = len(flags), sum(bool(f) for f in flags)
-    return {f"pass@{k}": pass_at_k(n, c, k) if k <= n else None for k in ks}
-
-
-def bootstrap(values: list[float | None], resamples: int, *seed_parts: Any) -> dict[str, Any]:
-    """Mean of the non-None values and a percentile bootstrap 95% interval over them (seeded)."""
-    import numpy as np
-
-    vals = np.asarray([v for v in values if v is not None], dtype=float)
-    out: dict[str, Any] = {"mean": None, "ci_low": None, "ci_high": None, "n": int(len(vals))}
-    if not len(vals):
-        return out
-    out["mean"] = float(vals.mean())
-    if resamples:
-        rng = np.random.default_rng(_stable_seed(*seed_parts))
-        means = []
-        per_chunk = max(1, 2_000_000 // len(vals))  # bounded memory for large prompt sets
-        for done in range(0, resamples, per_chunk):
-            size = min(per_chunk, resamples - done)
-            means.append(vals[rng.integers(0, len(vals), size=(size, len(vals)))].mean(axis=1))
-        low, high = np.quantile(np.concatenate(means), [0.025, 0.975])
-        out["ci_low"], out["ci_high"] = float(low), float(high)
-    return out
 
 
 def build_judge(cfg: EvalConfig, rm_judge: RewardModelJudge | None) -> PairwiseJudge:
@@ -883,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     specs = model_specs(cfg)
     items = load_prompts(cfg)
     if needs_reward_model(cfg):
-        from pipeline.stages.rm import check_reward_model_dir
+        from pipeline.models import check_reward_model_dir
 
         check_reward_model_dir(cfg.reward_model_path)
     judge: PairwiseJudge | None = None
@@ -941,7 +907,7 @@ def score_all(cfg, items, answers, baseline, judge):
     if needs_reward_model(cfg):
         import torch
 
-        from pipeline.stages.rm import load_reward_model
+        from pipeline.models import load_reward_model
 
         tokenizer, model = load_reward_model(cfg.reward_model_path, dtype=_torch_dtype(cfg.dtype))
         if torch.cuda.is_available():

@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.sandbox import ExecResult, Limits, isolation, run_many
 from pipeline.sandbox.problems import check_for, program_for
+from pipeline.stats import estimate_pass_at_k
 
 SAMPLE_KEYS = ("task_id", "completion")
 
@@ -97,34 +98,6 @@ def load_samples(
     if not samples:
         raise PipelineError(f"{path}: no samples in the file")
     return samples
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one problem with ``n`` samples of which ``c`` are correct (needs ``n >= k``).
-
-    1 - C(n-c, k) / C(n, k) as the product prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials, no overflow.
-    """
-    if not 0 <= c <= n or k < 1 or k > n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:  # every draw of k holds a correct sample
-        return 1.0
-    prob_all_wrong = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_wrong *= 1.0 - k / i
-    return 1.0 - prob_all_wrong
-
-
-def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int]) -> dict[str, Any]:
-    """``pass@k`` averaged over the problems with at least k samples, and how many were left out per k."""
-    out: dict[str, Any] = {}
-    skipped: dict[str, int] = {}
-    for k in ks:
-        values = [pass_at_k(n, c, k) for n, c in counts.values() if n >= k]
-        out[f"pass@{k}"] = sum(values) / len(values) if values else None
-        if len(values) < len(counts):
-            skipped[f"pass@{k}"] = len(counts) - len(values)
-    out["skipped_problems"] = skipped
-    return out
 
 
 def result_text(res: ExecResult) -> str:

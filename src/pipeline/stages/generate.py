@@ -10,30 +10,9 @@ its base model). Prompts from a file are the first user message of each row's `m
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pipeline.errors import PipelineError
-
-
-def load_for_generation(model_dir: str, key: str = "--model", **kwargs):
-    """Load tokenizer + causal LM (or base + LoRA adapter) from a local folder, in eval mode.
-
-    `key` names the option in error messages; `kwargs` go to `from_pretrained` (e.g. `dtype`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise PipelineError(f"{key}: folder not found: '{model_dir}'")
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    else:
-        raise PipelineError(f"{key}: '{model_dir}' holds neither config.json nor adapter_config.json")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return tokenizer, model.eval()
+from pipeline.models import load_for_generation
 
 
 def generate(tokenizer, model, prompts: list[str], max_new_tokens: int = 64) -> list[str]:

@@ -36,11 +36,7 @@ commit, versions, host; metrics: mean train reward of the first and last logging
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 from trl import GRPOConfig, ModelConfig
 
@@ -48,204 +44,22 @@ from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
 from pipeline.errors import PipelineError
-from pipeline.resilience import refuse_resuming_another_run, run_training
+from pipeline.models import check_model_dir
+from pipeline.rewards.online import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
-    check_model_dir,
     disable_eval_without_data,
     keep_bnb_4bit_trainable_on_cpu,
     model_init_kwargs,
+    refuse_resuming_another_run,
+    run_training,
     save_final_model,
 )
-
-# reward name -> dataset columns it reads
-REWARD_COLUMNS: dict[str, tuple[str, ...]] = {
-    "code_execution": ("tests",),
-    "humaneval": ("test", "entry_point"),
-    "reward_model": (),
-}
-# columns a prompt can come from, in order of preference
-PROMPT_SOURCES = ("prompt", "messages", "prompt_pretokenized")
-
-
-@dataclass
-class RewardArguments:
-    """What scores the completions (shared by `pipeline grpo` and `pipeline rloo`)."""
-
-    reward_funcs: str = field(
-        default="code_execution",
-        metadata={
-            "help": "Comma-separated reward names: code_execution (row column `tests`), humaneval (columns "
-            "`test`, `entry_point`), reward_model (the model in `reward_model_path`). Rewards are summed, "
-            "weighted by `reward_weights`."
-        },
-    )
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Local folder of a scalar reward model (e.g. `pipeline rm` output), for reward_model."
-        },
-    )
-    reward_timeout: float = field(
-        default=5.0, metadata={"help": "Sandbox wall-clock seconds per completion (code rewards)."}
-    )
-    reward_workers: int | None = field(
-        default=None, metadata={"help": "Parallel sandbox executions (code rewards). Default: CPU count."}
-    )
-    synthetic_task_seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "Prompt rows of the shipped synthetic task (task_id synth/NNNNN) without a `tests` column: "
-            "regenerate the task with this seed (the one given to `pipeline synthetic-data`) and add each "
-            "row's tests. Each prompt is checked against the regenerated problem."
-        },
-    )
-
 
 # ------------------------------------------------------------------------------------------------ rewards
 
 
-def reward_names(args: RewardArguments) -> list[str]:
-    names = [n.strip() for n in str(args.reward_funcs or "").split(",") if n.strip()]
-    if not names:
-        raise PipelineError(f"reward_funcs: give one or more of {', '.join(REWARD_COLUMNS)}")
-    for name in names:
-        if name not in REWARD_COLUMNS:
-            raise PipelineError(
-                f"reward_funcs: unknown reward '{name}' (choose from {', '.join(REWARD_COLUMNS)})"
-            )
-    if len(set(names)) != len(names):
-        raise PipelineError(f"reward_funcs: '{args.reward_funcs}' names a reward twice")
-    if "reward_model" in names:
-        from pipeline.stages.rm import check_reward_model_dir
-
-        check_reward_model_dir(args.reward_model_path)
-    elif args.reward_model_path:
-        raise PipelineError("reward_model_path is set but reward_funcs does not list reward_model")
-    return names
-
-
-def build_reward_funcs(names: list[str], args: RewardArguments, dtype: Any = None) -> tuple[list, list]:
-    """(reward functions, their processing classes) in TRL's `reward_funcs` form."""
-    from pipeline.rewards import code_execution_reward, humaneval_reward
-
-    options = {"timeout": args.reward_timeout, "workers": args.reward_workers}
-    funcs: list = []
-    processing: list = []
-    for name in names:
-        if name == "reward_model":
-            from pipeline.stages.rm import load_reward_model
-
-            kwargs = {"dtype": dtype} if dtype not in (None, "auto") else {}
-            tokenizer, model = load_reward_model(args.reward_model_path, **kwargs)
-            if hasattr(model, "merge_and_unload"):  # a LoRA adapter: TRL scores with a plain model
-                model = model.merge_and_unload()
-            funcs.append(model)
-            processing.append(tokenizer)
-        else:
-            # partial keeps the wrapped name, so TRL logs rewards/code_execution_reward/mean etc.
-            base = code_execution_reward if name == "code_execution" else humaneval_reward
-            funcs.append(functools.partial(base, **options))
-            processing.append(None)
-    return funcs, processing
-
-
 # ------------------------------------------------------------------------------------------------ prompts
-
-
-def _chat_prompt(value: Any, where: str) -> list[dict] | str:
-    if isinstance(value, str):
-        if not value.strip():
-            raise PipelineError(f"{where}: empty prompt")
-        return value
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value)
-    ):
-        raise PipelineError(
-            f"{where}: a prompt must be text or a non-empty list of {{role, content}} messages"
-        )
-    return value
-
-
-def _prompt_of_row(row: dict, source: str, where: str) -> list[dict] | str:
-    value = row[source]
-    if source == "prompt_pretokenized":
-        try:
-            value = json.loads(value)
-        except (TypeError, ValueError):
-            raise PipelineError(f"{where}: prompt_pretokenized is not a JSON chat") from None
-    elif source == "messages":
-        if not isinstance(value, list):
-            raise PipelineError(f"{where}: messages must be a list of {{role, content}} messages")
-        end = len(value)
-        while end and isinstance(value[end - 1], dict) and value[end - 1].get("role") == "assistant":
-            end -= 1
-        value = value[:end]
-    return _chat_prompt(value, where)
-
-
-def _add_synthetic_tests(rows: list[dict], seed: int, what: str) -> None:
-    from pipeline.tasks.synthetic import MAX_PROBLEMS, generate_problems
-
-    problems = {p.task_id: p for p in generate_problems(MAX_PROBLEMS, seed)}
-    for i, row in enumerate(rows):
-        problem = problems.get(row.get("task_id"))
-        if problem is None:
-            raise PipelineError(
-                f"{what}: row {i} has task_id {row.get('task_id')!r}, not one of the synthetic task's"
-            )
-        prompt = row["prompt"]
-        text = (
-            prompt
-            if isinstance(prompt, str)
-            else next((m["content"] for m in prompt if m["role"] == "user"), "")
-        )
-        if text != problem.prompt:
-            raise PipelineError(
-                f"{what}: row {i} ({problem.task_id}) is not the synthetic task's problem for seed {seed}; set "
-                "synthetic_task_seed to the --seed given to `pipeline synthetic-data`"
-            )
-        row["tests"] = list(problem.tests)
-
-
-def prompt_dataset(dataset, what: str, names: list[str], args: RewardArguments):
-    """A TRL prompt dataset (`prompt` column + the columns the rewards read) from loaded rows.
-
-    Checks every row; problems are one-line `PipelineError`s naming `what` (e.g. train_data)."""
-    import datasets
-
-    columns = list(dataset.column_names)
-    source = next((c for c in PROMPT_SOURCES if c in columns), None)
-    if source is None:
-        raise PipelineError(
-            f"{what}: no prompt column: need one of {', '.join(PROMPT_SOURCES)}; found {', '.join(columns)}"
-        )
-    rows, seen = [], set()
-    for i, row in enumerate(dataset):
-        prompt = _prompt_of_row(row, source, f"{what} row {i}")
-        if source != "prompt":  # rows that carry responses: one row per distinct prompt
-            key = json.dumps(prompt, sort_keys=True)
-            if key in seen:
-                continue
-            seen.add(key)
-            row = {k: v for k, v in row.items() if k != source}
-        rows.append({**row, "prompt": prompt})
-    if "code_execution" in names and "tests" not in columns:
-        if args.synthetic_task_seed is None:
-            raise PipelineError(
-                f"{what}: no `tests` column, which reward code_execution needs (for the synthetic task's files "
-                "set synthetic_task_seed to the --seed given to `pipeline synthetic-data`)"
-            )
-        _add_synthetic_tests(rows, args.synthetic_task_seed, what)
-    for name in names:
-        missing = [c for c in REWARD_COLUMNS[name] if c not in rows[0]]
-        if missing:
-            raise PipelineError(f"{what}: no `{missing[0]}` column, which reward {name} needs")
-    if "code_execution" in names and not any(r["tests"] for r in rows):
-        raise PipelineError(f"{what}: every row's `tests` is empty; code_execution has nothing to run")
-    return datasets.Dataset.from_list(rows)
 
 
 # ------------------------------------------------------------------------------------------------ stage

@@ -46,10 +46,15 @@ from pipeline.logp_store import (
     training_dtype,
 )
 from pipeline.losses import IPSLossConfig, ips_loss
-from pipeline.resilience import dry_run_reference_logps, refuse_resuming_another_run
+from pipeline.models import check_model_dir
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.scoring import chunked_token_logps
-from pipeline.training import check_model_dir, keep_bnb_4bit_trainable_on_cpu, train_evaluate_save
+from pipeline.training import (
+    dry_run_reference_logps,
+    keep_bnb_4bit_trainable_on_cpu,
+    refuse_resuming_another_run,
+    train_evaluate_save,
+)
 
 logger = logging.getLogger("pipeline.ips")
 NO_SIGNAL = 1e-8  # rewards this close to 0 train nothing

@@ -41,8 +41,8 @@ from pipeline.logp_store import (
     nonfinite_rows,
     prepare_manifest_sha256,
 )
+from pipeline.models import check_model_dir
 from pipeline.runinfo import atomic_write_text
-from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.logp")
 JOB_FILE = "job.json"

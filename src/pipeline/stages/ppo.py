@@ -71,11 +71,11 @@ from pipeline.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from pipeline.resilience import merge_saved_adapter, refuse_resuming_another_run
+from pipeline.models import check_model_dir
+from pipeline.rewards.online import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
 from pipeline.runinfo import RunInfo, setup_logging, setup_tracking
-from pipeline.stages.grpo import RewardArguments, build_reward_funcs, prompt_dataset, reward_names
 from pipeline.tokenization import PromptError, reward_model_input_ids
-from pipeline.training import check_model_dir, final_tmp, swap_in_final_model
+from pipeline.training import final_tmp, merge_saved_adapter, refuse_resuming_another_run, swap_in_final_model
 
 log = logging.getLogger("pipeline.ppo")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -185,7 +185,7 @@ def load_models(args: PPOStageConfig, model_args: ModelConfig, reward_args: Rewa
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import get_peft_config
 
-    from pipeline.stages.rm import load_reward_model
+    from pipeline.models import load_reward_model
 
     path = model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")

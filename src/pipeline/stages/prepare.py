@@ -50,10 +50,10 @@ from pipeline import outputs
 from pipeline.configs import parse_stage_args
 from pipeline.data import prepared_shards, resolve_files, sha256_file
 from pipeline.errors import PipelineError
+from pipeline.models import check_model_dir
 from pipeline.runinfo import atomic_write_text
 from pipeline.sandbox import code_fence_span
 from pipeline.tokenization import PromptError, parse_prompt
-from pipeline.training import check_model_dir
 
 logger = logging.getLogger("pipeline.prepare")
 SCHEMA_VERSION = 1

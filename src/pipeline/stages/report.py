@@ -49,6 +49,7 @@ from typing import Any
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.runinfo import RUN_FILE, atomic_write_text
+from pipeline.stats import mean_ci
 
 HEADLINE = ("eval_reward", "reward", "win_rate", "eval_accuracy", "eval_loss")
 # config fields that differ between every run without being a swept setting
@@ -58,51 +59,6 @@ _PRUNE_DIRS = {"wandb", "answers", "__pycache__"}
 
 
 # ------------------------------------------------------------------------------------------ statistics
-
-
-def _t_central_mass(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer df (closed form, Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2 == 1:
-        if df == 1:
-            return 2 * theta / math.pi
-        term = acc = c
-        for k in range(3, df - 1, 2):
-            term *= c * c * (k - 1) / k
-            acc += term
-        return 2 / math.pi * (theta + s * acc)
-    term = acc = 1.0
-    for k in range(2, df - 1, 2):
-        term *= c * c * (k - 1) / k
-        acc += term
-    return s * acc
-
-
-def t_critical(df: int, level: float = 0.95) -> float:
-    """Two-sided critical value of Student's t: P(|T| <= t) = level (t_{0.975, df} for level 0.95)."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    lo, hi = 0.0, 2.0
-    while _t_central_mass(hi, df) < level:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if _t_central_mass(mid, df) < level:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and half-width of the 95% t-interval (None for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t_critical(n - 1) * sd / math.sqrt(n)
 
 
 # ------------------------------------------------------------------------------------------ collection

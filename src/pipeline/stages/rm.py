@@ -16,8 +16,8 @@ model gets a new random scalar head). LoRA trains with task type `SEQ_CLS` (the 
 
 Writes to `output_dir`: the reward model (or LoRA adapter) and tokenizer, with `pad_token_id` set in its config,
 `run.json` (resolved config, seed, git commit, versions, host, eval loss, accuracy and mean reward margin
-chosen − rejected before/after) and `run.log`. Later stages check the folder with `check_reward_model_dir` and
-load it with `load_reward_model` (or `AutoModelForSequenceClassification` for a full model).
+chosen − rejected before/after) and `run.log`. Later stages check the folder with
+`pipeline.models.check_reward_model_dir` and load it with `pipeline.models.load_reward_model` (or `AutoModelForSequenceClassification` for a full model).
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from trl import ModelConfig, RewardConfig
 
 from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
-from pipeline.data import FORMATS, load_train_eval, read_json_object, resolve_files
+from pipeline.data import FORMATS, load_train_eval, resolve_files
 from pipeline.errors import PipelineError
-from pipeline.resilience import refuse_resuming_another_run
+from pipeline.models import check_model_dir
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
-    check_model_dir,
     disable_eval_without_data,
     keep_bnb_4bit_trainable_on_cpu,
     model_init_kwargs,
+    refuse_resuming_another_run,
     train_evaluate_save,
 )
 
@@ -51,64 +51,6 @@ EVAL_KEYS = ("accuracy", "margin")
 
 
 # ------------------------------------------------------------------------------------ reward-model folders
-
-
-def check_reward_model_dir(path: str | None, key: str = "reward_model_path") -> str:
-    """A local folder holding a scalar reward model: a `*ForSequenceClassification` with one label, or a
-    LoRA adapter of task type SEQ_CLS (whose base folder must exist). One clear line otherwise."""
-    check_model_dir(path, key)
-    folder = Path(path)
-    hint = "train one with `pipeline rm` or pass a *ForSequenceClassification folder"
-    adapter_file = folder / "adapter_config.json"
-    if adapter_file.is_file():
-        adapter = read_json_object(adapter_file, key)
-        task = adapter.get("task_type")
-        if task != "SEQ_CLS":
-            raise PipelineError(
-                f"{key}: '{path}' is a LoRA adapter of task type {task}, not a reward model (SEQ_CLS); {hint}"
-            )
-        base = adapter.get("base_model_name_or_path")
-        check_model_dir(base, f"{key} (base model of the LoRA adapter '{path}')")
-        return path
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise PipelineError(f"{key}: '{path}' holds no config.json; {hint}")
-    config = read_json_object(config_file, key)
-    architectures = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        causal = [a for a in architectures if a.endswith("ForCausalLM")]
-        if causal:
-            raise PipelineError(f"{key}: '{path}' is a causal LM ({causal[0]}), not a reward model; {hint}")
-        found = ", ".join(architectures) if architectures else "no architectures in config.json"
-        raise PipelineError(f"{key}: '{path}' has no sequence-classification head ({found}); {hint}")
-    num_labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
-    if num_labels != 1:
-        raise PipelineError(
-            f"{key}: '{path}' is a classifier with {num_labels} labels; a reward model has one scalar output "
-            "(num_labels=1)"
-        )
-    return path
-
-
-def load_reward_model(path: str, key: str = "reward_model_path", **kwargs):
-    """(tokenizer, model) of a reward-model folder (full model or LoRA adapter + base), in eval mode, with
-    `config.pad_token_id` set so batched scoring finds each sequence's last token. `kwargs` go to
-    `from_pretrained` (e.g. `dtype`)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    check_reward_model_dir(path, key)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if (Path(path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForSequenceClassification
-
-        model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model.eval()
 
 
 # ------------------------------------------------------------------------------------ preference data

@@ -22,13 +22,13 @@ from trl import ModelConfig, SFTConfig
 from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
 from pipeline.data import load_train_eval
-from pipeline.resilience import refuse_resuming_another_run
+from pipeline.models import check_model_dir
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
-    check_model_dir,
     disable_eval_without_data,
     keep_bnb_4bit_trainable_on_cpu,
     model_init_kwargs,
+    refuse_resuming_another_run,
     train_evaluate_save,
 )
 

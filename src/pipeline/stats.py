@@ -1,0 +1,116 @@
+"""Statistics the stages print: pass@k (the unbiased estimator), seeded bootstrap intervals over prompts,
+and Student-t intervals over seeds. Pure functions, no model code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``n`` samples of which ``c`` are correct (needs ``n >= k``).
+
+    1 - C(n-c, k) / C(n, k) as the product prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials, no overflow.
+    """
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every draw of k holds a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int]) -> dict[str, Any]:
+    """``pass@k`` averaged over the problems with at least k samples, and how many were left out per k."""
+    out: dict[str, Any] = {}
+    skipped: dict[str, int] = {}
+    for k in ks:
+        values = [pass_at_k(n, c, k) for n, c in counts.values() if n >= k]
+        out[f"pass@{k}"] = sum(values) / len(values) if values else None
+        if len(values) < len(counts):
+            skipped[f"pass@{k}"] = len(counts) - len(values)
+    out["skipped_problems"] = skipped
+    return out
+
+
+def stable_seed(*parts: Any) -> int:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def pass_at_k_of(flags: list[bool | None], ks: list[int]) -> dict[str, float | None]:
+    if any(f is None for f in flags):
+        return {f"pass@{k}": None for k in ks}
+    n, c = len(flags), sum(bool(f) for f in flags)
+    return {f"pass@{k}": pass_at_k(n, c, k) if k <= n else None for k in ks}
+
+
+def bootstrap(values: list[float | None], resamples: int, *seed_parts: Any) -> dict[str, Any]:
+    """Mean of the non-None values and a percentile bootstrap 95% interval over them (seeded)."""
+    import numpy as np
+
+    vals = np.asarray([v for v in values if v is not None], dtype=float)
+    out: dict[str, Any] = {"mean": None, "ci_low": None, "ci_high": None, "n": int(len(vals))}
+    if not len(vals):
+        return out
+    out["mean"] = float(vals.mean())
+    if resamples:
+        rng = np.random.default_rng(stable_seed(*seed_parts))
+        means = []
+        per_chunk = max(1, 2_000_000 // len(vals))  # bounded memory for large prompt sets
+        for done in range(0, resamples, per_chunk):
+            size = min(per_chunk, resamples - done)
+            means.append(vals[rng.integers(0, len(vals), size=(size, len(vals)))].mean(axis=1))
+        low, high = np.quantile(np.concatenate(means), [0.025, 0.975])
+        out["ci_low"], out["ci_high"] = float(low), float(high)
+    return out
+
+
+def _t_central_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer df (closed form, Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2 == 1:
+        if df == 1:
+            return 2 * theta / math.pi
+        term = acc = c
+        for k in range(3, df - 1, 2):
+            term *= c * c * (k - 1) / k
+            acc += term
+        return 2 / math.pi * (theta + s * acc)
+    term = acc = 1.0
+    for k in range(2, df - 1, 2):
+        term *= c * c * (k - 1) / k
+        acc += term
+    return s * acc
+
+
+def t_critical(df: int, level: float = 0.95) -> float:
+    """Two-sided critical value of Student's t: P(|T| <= t) = level (t_{0.975, df} for level 0.95)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    lo, hi = 0.0, 2.0
+    while _t_central_mass(hi, df) < level:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if _t_central_mass(mid, df) < level:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and half-width of the 95% t-interval (None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t_critical(n - 1) * sd / math.sqrt(n)

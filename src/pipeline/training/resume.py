@@ -1,0 +1,172 @@
+"""Resume: which checkpoint a run starts from, which of the pipeline's own checkpoints go first, and refusing
+to continue another run's folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+logger = logging.getLogger("pipeline.training")
+
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+BEGUN_MARKER = "checkpoint_begun.json"
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_main(args) -> bool:
+    return bool(getattr(args, "should_save", True))
+
+
+def barrier() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def resume_setting(value: Any) -> str | None:
+    """`resume_from_checkpoint` as given (YAML bool, CLI string or path): "auto", "fresh" or the path."""
+    if value is None or value is True:
+        return "auto"
+    if value is False:
+        return "fresh"
+    text = str(value).strip()
+    if text.lower() in ("true", "auto", "yes"):
+        return "auto"
+    if text.lower() in ("false", "no", "none", ""):
+        return "fresh"
+    return text
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
+    return sorted(found)
+
+
+def is_pipeline_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint this pipeline began (complete or cut off while saving)."""
+    return is_complete_checkpoint(path) or (Path(path) / BEGUN_MARKER).is_file()
+
+
+def _start_of(output_dir: str, setting: str) -> tuple[str | None, int]:
+    """(checkpoint to start from, its step) for a resume setting; "auto" takes the last complete one of ours."""
+    if setting == "fresh":
+        return None, 0
+    if setting == "auto":
+        complete = [(n, p) for n, p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
+        return (str(complete[-1][1]), complete[-1][0]) if complete else (None, 0)
+    state_file = Path(setting) / "trainer_state.json"
+    if not state_file.is_file():
+        raise PipelineError(
+            f"resume_from_checkpoint: '{setting}' is not a checkpoint (no trainer_state.json)"
+        )
+    return setting, json.loads(state_file.read_text()).get("global_step", 0)
+
+
+def resolve_resume(args, value: Any = None) -> str | None:
+    """The checkpoint this run starts from (None: from scratch), after removing the checkpoints of
+    `args.output_dir` that this pipeline began past it (or cut off while saving). A `checkpoint-N` it did not
+    begin is left alone; one past the start (which this run could save into) is refused in one line. Every
+    process calls this; only the saving process deletes."""
+    output_dir = args.output_dir
+    start, step = _start_of(output_dir, resume_setting(value))
+    named = Path(start).resolve() if start else None
+    ours, foreign = [], []
+    for n, path in checkpoint_folders(output_dir):
+        if path.resolve() == named:
+            continue
+        if is_pipeline_checkpoint(path):
+            if n > step or not is_complete_checkpoint(path):
+                ours.append(path)
+        elif n > step:
+            foreign.append(path)
+    if foreign:
+        raise PipelineError(
+            f"output_dir '{output_dir}' holds {', '.join(p.name for p in foreign)}, which the pipeline did not "
+            f"write and this run (from step {step}) could save over; nothing was changed: move it out of "
+            "output_dir, or name it with resume_from_checkpoint to start from it"
+        )
+    barrier()  # every process has looked before anything is deleted
+    if is_main(args) and ours:
+        for path in ours:
+            shutil.rmtree(path)
+        logger.warning("deleted checkpoints of this pipeline past the starting step or cut off while saving, "
+                       "which this run replaces: %s", ", ".join(p.name for p in ours))  # fmt: skip
+    barrier()
+    if start:
+        logger.info("resuming from %s", start)
+    return start
+
+
+# Config fields that do not change what is trained (where it is written, logged, evaluated or saved, how
+# data is loaded): a run may be resumed with other values of these. Every other field must match.
+NOT_TRAINING_FIELDS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "dry_run", "merge_lora", "run_name",
+    "project", "trackio_space_id", "report_to", "logging_dir", "logging_strategy", "logging_steps",
+    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+    "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_safetensors",
+    "save_on_each_node", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_data",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "max_eval_samples", "eval_do_concat_batches",
+    "eval_use_gather_object", "prediction_loss_only", "batch_eval_metrics", "include_for_metrics",
+    "metric_for_best_model", "greater_is_better", "load_best_model_at_end", "dataloader_num_workers",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "skip_memory_metrics",
+    "include_num_input_tokens_seen", "include_tokens_per_second", "ddp_timeout", "logp_mismatch_threshold",
+    "local_rank", "ddp_backend", "use_cpu", "trust_checkpoint",
+})  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def refuse_resuming_another_run(output_dir: str, stage: str, configs: tuple, resume_value: Any) -> None:
+    """Automatic resume continues only the same run. When `output_dir` holds checkpoints or a finished model
+    of a run whose training-relevant configuration (run.json's `config`, less `NOT_TRAINING_FIELDS`) differs
+    from this run's, stop with one line naming the fields, both values and the two ways on. Call it before
+    anything is written there (run.json is rewritten at the start of a run)."""
+    if resume_setting(resume_value) != "auto":
+        return
+    from pipeline.runinfo import config_dict, read_run_info
+
+    try:
+        previous = read_run_info(output_dir)
+    except ValueError:
+        previous = {"stage": None, "config": {}, "status": "unreadable run.json"}
+    if previous is None:
+        return
+    if not checkpoint_folders(output_dir) and previous.get("status") != "completed":
+        return  # nothing to resume: training starts from scratch
+    old, new = previous.get("config") or {}, config_dict(*configs)
+    differ = [f"stage: {previous.get('stage')} there, {stage} here"] if previous.get("stage") != stage else []
+    differ += [f"{key}: {_shown(old[key])} there, {_shown(new[key])} here" for key in sorted(set(old) & set(new))
+               if key not in NOT_TRAINING_FIELDS and old[key] != new[key]]  # fmt: skip
+    if differ:
+        more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise PipelineError(
+            f"output_dir '{output_dir}' holds another run ({'; '.join(differ[:4])}{more}), which resuming would "
+            "continue under this run's settings; use another output_dir, or resume_from_checkpoint: false to "
+            "start afresh there (its checkpoints are replaced)"
+        )
