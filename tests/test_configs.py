@@ -1,12 +1,14 @@
 """Recipe parsing: override order, unknown keys, and one-line errors for bad input."""
 
 import os
+from pathlib import Path
 
 import pytest
 from trl import ModelConfig, SFTConfig
 
 from pipeline import cli
 from pipeline.configs import DataArguments, parse_stage_args
+from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 
 TYPES = (DataArguments, SFTConfig, ModelConfig)
@@ -186,3 +188,39 @@ def test_yaml_alias_bomb_is_refused_in_recipes_and_pipeline_files(tmp_path, caps
     from pipeline.data import load_yaml
 
     assert load_yaml(recipe.read_text(), str(recipe))["defaults"] == {"learning_rate": 2.0e-5}
+
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/*/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_parses_into_its_stage(recipe, monkeypatch):
+    """As torchtune tests every shipped config: each recipe, read by its stage's own dataclasses (the file
+    name is the stage), so a renamed or retyped field cannot silently break one. Validation that needs the
+    recipe's hardware (bf16 on a GPU) is what the recipe's dry run covers (test_resilience.py)."""
+    import importlib
+
+    from pipeline.configs import RecipeParser
+
+    if recipe.stem == "pipeline":  # a pipeline file: every stage and recipe it names must exist
+        from pipeline.stages import run
+
+        assert run.load_pipeline(recipe).stages
+        return
+    module = importlib.import_module(f"pipeline.stages.{recipe.stem}")
+    keys = set(RecipeParser(module.CONFIG_CLASSES, prog=f"pipeline {recipe.stem}").valid_keys())
+    fields = load_yaml(recipe.read_text(), str(recipe))
+    for name in fields.pop("env", None) or {}:  # exported by the parser: restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    assert set(fields) <= keys, sorted(set(fields) - keys)
+    flags = ["--bf16", "false", "--tf32", "false"] if "bf16" in keys else []
+    parsed = RecipeParser(module.CONFIG_CLASSES, prog=f"pipeline {recipe.stem}").parse(
+        ["--config", str(recipe), *flags]
+    )
+    values = {k: v for config in parsed for k, v in vars(config).items()}
+    for key, value in fields.items():
+        if key in ("bf16", "tf32", "output_dir", "report_to") or isinstance(value, (dict, list)):
+            continue
+        got = values[key]
+        got = getattr(got, "value", got)  # enums (lr_scheduler_type, ...) compare by their value
+        assert got == value or str(got) == str(value), (key, value, got)

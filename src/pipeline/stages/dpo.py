@@ -181,10 +181,12 @@ def stored_reference_logps(
     return read_logps(logp_dir), contract
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (DataArguments, DPOStageConfig, ModelConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    data_args, training_args, model_args = parse_stage_args(
-        (DataArguments, DPOStageConfig, ModelConfig), argv, "dpo"
-    )
+    data_args, training_args, model_args = parse_stage_args(CONFIG_CLASSES, argv, "dpo")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import get_peft_config, get_quantization_config

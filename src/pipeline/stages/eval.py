@@ -841,8 +841,12 @@ def log_to_tracker(cfg: EvalConfig, metrics: dict[str, Any], rows: list[dict[str
 # ------------------------------------------------------------------------------------------ stage
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (EvalConfig,)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    (cfg,) = parse_stage_args((EvalConfig,), argv, "eval")
+    (cfg,) = parse_stage_args(CONFIG_CLASSES, argv, "eval")
 
     # every input is checked before anything is written
     check_config(cfg)

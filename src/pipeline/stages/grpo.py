@@ -178,5 +178,9 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
     return {**metrics, "log_history": trainer.state.log_history}
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (DataArguments, RewardArguments, GRPOConfig, ModelConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     return run_online_rl("grpo", GRPOConfig, "GRPOTrainer", argv)

@@ -386,8 +386,12 @@ def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[d
     return read_logps(logp_dir), response_key, contract
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (IPSConfig, ModelConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args, model_args = parse_stage_args((IPSConfig, ModelConfig), argv, "ips")
+    args, model_args = parse_stage_args(CONFIG_CLASSES, argv, "ips")
     from transformers import AutoTokenizer, set_seed
     from trl import get_peft_config, get_quantization_config
 

@@ -248,8 +248,12 @@ def import_pickles(source: str, output_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------ main
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (LogpConfig,)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_stage_args((LogpConfig,), argv, "logp")
+    (cfg,) = parse_stage_args(CONFIG_CLASSES, argv, "logp")
     if cfg.import_pickles:
         if not cfg.output_dir:
             raise PipelineError("import_pickles needs --output_dir")

@@ -536,10 +536,12 @@ def ppo_update(
 # ------------------------------------------------------------------------------------------------ stage
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (DataArguments, RewardArguments, PPOStageConfig, ModelConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    data_args, reward_args, args, model_args = parse_stage_args(
-        (DataArguments, RewardArguments, PPOStageConfig, ModelConfig), argv, "ppo"
-    )
+    data_args, reward_args, args, model_args = parse_stage_args(CONFIG_CLASSES, argv, "ppo")
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm

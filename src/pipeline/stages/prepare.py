@@ -912,8 +912,12 @@ def gather_pairs(job: GatherJob, progress: tuple = (None, None)) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (PrepareConfig,)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_stage_args((PrepareConfig,), argv, "prepare")
+    (cfg,) = parse_stage_args(CONFIG_CLASSES, argv, "prepare")
 
     started = time.time()
     views = {v.strip() for v in cfg.views.split(",") if v.strip()}

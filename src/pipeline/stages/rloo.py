@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from trl import RLOOConfig
 
+from pipeline.configs import DataArguments, ModelConfig
+from pipeline.rewards.online import RewardArguments
 from pipeline.stages.grpo import run_online_rl
+
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (DataArguments, RewardArguments, RLOOConfig, ModelConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:

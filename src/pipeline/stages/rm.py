@@ -169,10 +169,12 @@ def record_eval_metrics(trainer, metrics: dict) -> None:
 # ------------------------------------------------------------------------------------ stage
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (DataArguments, RewardConfig, ModelConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    data_args, training_args, model_args = parse_stage_args(
-        (DataArguments, RewardConfig, ModelConfig), argv, "rm"
-    )
+    data_args, training_args, model_args = parse_stage_args(CONFIG_CLASSES, argv, "rm")
 
     # heavy imports after parsing, so `--help` and recipe errors answer fast
     from transformers import set_seed

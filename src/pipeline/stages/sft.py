@@ -35,10 +35,12 @@ from pipeline.training import (
 logger = logging.getLogger("pipeline.sft")
 
 
+# the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
+CONFIG_CLASSES = (DataArguments, SFTConfig, ModelConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    data_args, training_args, model_args = parse_stage_args(
-        (DataArguments, SFTConfig, ModelConfig), argv, "sft"
-    )
+    data_args, training_args, model_args = parse_stage_args(CONFIG_CLASSES, argv, "sft")
 
     # heavy imports after parsing, so `--help` and recipe errors answer fast
     from transformers import set_seed
