@@ -153,7 +153,7 @@ def test_preference_pairs_respect_margin_and_prompt(tmp_path):
 def test_pairs_view_alone_with_assistant_prefix_and_small_reads(tmp_path, monkeypatch):
     """views=pairs: the rl rows it reads back are not left behind; a prefix starts both answers; pairs joined
     in buckets of 3 from scattered rows of one prompt give the same pairs."""
-    monkeypatch.setattr(prepare, "PAIRS_PER_BUCKET", 3)
+    monkeypatch.setattr(prepare.stage, "PAIRS_PER_BUCKET", 3)  # where pass 3 reads it
     prefixed = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "def g():\n"}])
     rows = rows_for({f"prompt {i}": [1.0, -1.0, 0.9, -0.8] for i in range(5)})
     for row in rows[:4]:
@@ -427,7 +427,7 @@ def test_oversized_text_is_counted_and_dropped_before_parsing_or_tokenizing(
     rows = rows_for({"a": [1.0, 0.0, 0.5], "b": [1.0, 0.0]})
     rows[1]["unprocessed_response"] = "x" * 5_000  # a's worst answer: its pair with a's best goes too
     rows[3]["prompt_pretokenized"] = json.dumps([{"role": "user", "content": "b" * 5_000}])
-    import pipeline.stages.prepare as prep
+    import pipeline.stages.prepare.views as prep
 
     seen = []
     real = prep.token_lengths
