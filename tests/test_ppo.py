@@ -232,12 +232,12 @@ def test_ppo_resumes_to_the_same_losses(tmp_path, sft_setup, prompts, monkeypatc
             raise KeyboardInterrupt  # killed after checkpoint-2 was written
         return real_rows(rows, update, *rest)
 
-    monkeypatch.setattr(ppo, "rollout_rows", die_at_update_3)
+    monkeypatch.setattr(ppo.stage, "rollout_rows", die_at_update_3)  # where the update loop calls it
     with pytest.raises(KeyboardInterrupt):
         ppo.main([*args, "--output_dir", str(tmp_path / "cut")])
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2"]
-    monkeypatch.setattr(ppo, "rollout_rows", real_rows)
+    monkeypatch.setattr(ppo.stage, "rollout_rows", real_rows)
     loads, real_load = [], torch.load
 
     def recording_load(*a, **kw):  # resuming reads no pickle: every torch.load is weights_only
