@@ -94,7 +94,7 @@ def stub_generation(monkeypatch, answer_for):
         name = Path(model.name_or_path).name
         return [[answer_for(name, text, s) for s in range(num_samples)] for text in texts]
 
-    monkeypatch.setattr(ev, "generate_answers", fake)
+    monkeypatch.setattr(ev.generation, "generate_answers", fake)  # where answers_for calls it
     return calls
 
 
@@ -188,7 +188,7 @@ def test_cached_answers_are_reused_and_sampling_is_seeded(
         calls.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "generate_answers", counting)
+    monkeypatch.setattr(ev.generation, "generate_answers", counting)
     cache = tmp_path / "cache"
     base = ["--synthetic_num_problems", str(NUM_PROBLEMS), "--max_prompts", "2", "--answers_cache", str(cache),
             "--temperature", "1.0", "--num_samples", "2", "--pass_k", "1", "2", *FAST]  # fmt: skip

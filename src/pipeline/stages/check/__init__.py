@@ -1,5 +1,4 @@
-"""Will this recipe fit? Memory per device of a training stage, estimated before the cluster run. A package:
-shape (parameter counts), plan (recipe → plan), memory (the estimate), probe, render; `main` in stage.py.
+"""Will this recipe fit? Memory per device of a training stage, estimated before the cluster run.
 
     pipeline check --config recipes/qwen/dpo.yaml --num_gpus 8 --zero 2
     pipeline check --config recipe.yaml --stage sft --fsdp --num_gpus 16 --output_json check.json
@@ -93,6 +92,8 @@ model as the recipe says (dtype, 4/8-bit, LoRA, gradient checkpointing), runs tw
 tokens (the policy only: no reference, critic or reward model) and reports the peak allocated and
 reserved memory, and the second step's time. It is skipped when the unsharded weights, gradients and
 optimizer states alone exceed GPU 0, and reported as out of memory when the step does not fit.
+
+Code: shape (parameter counts), plan (recipe → plan), memory (the estimate), probe, render; `main` in stage.py.
 """
 
 from pipeline.stages.check.memory import activation_bytes_per_token_layer, estimate, norm_bytes_per_token

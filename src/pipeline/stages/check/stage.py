@@ -40,8 +40,15 @@ from pipeline.stages.check.shape import GiB, ModelShape, read_model_shape
 # ------------------------------------------------------------------------------------ main
 
 
+def _stage_doc() -> str:
+    """The stage's documentation: the package's docstring (--help shows it)."""
+    import importlib
+
+    return importlib.import_module("pipeline.stages.check").__doc__ or ""
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="pipeline check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pipeline check", description=_stage_doc().split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a stage's YAML recipe")
     parser.add_argument("--stage", choices=STAGES, help="the recipe's stage (default: file name, then keys)")
     parser.add_argument("--model_name_or_path", help="override the recipe's model folder")

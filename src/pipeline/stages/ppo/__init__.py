@@ -1,5 +1,4 @@
-"""PPO stage (our own: TRL 1.16 has no PPOTrainer): policy, frozen reference, reward, and a critic. A package:
-config, models, rollout, update, state; `main` in stage.py.
+"""PPO stage (our own: TRL 1.16 has no PPOTrainer): policy, frozen reference, reward, and a critic.
 
     pipeline ppo --config recipes/demo/ppo.yaml [--max_steps 20 --kl_coef 0.05 ...]
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml -m pipeline.cli ppo --config ...
@@ -40,6 +39,8 @@ the same `output_dir` resumes from the latest one (`resume_from_checkpoint: fals
 Resuming unpickles nothing: weights are safetensors, the optimizer and RNG states are read with
 `torch.load(weights_only=True)`, the scheduler and β from JSON. DeepSpeed's own checkpoint reader
 unpickles, so a DeepSpeed resume needs `trust_checkpoint: true`.
+
+Code: config, models, rollout, update, state; `main` (and the update loop, `train`) in stage.py.
 """
 
 from pipeline.stages.ppo.config import PPOStageConfig

@@ -1,5 +1,4 @@
-"""Prepare stage (a package: config, read, scan, transform, clean, views, shards, pairs, parallel; `main` in
-stage.py): validate, clean, transform, filter and split reward-keyed code-RL data.
+"""Prepare stage: validate, clean, transform, filter and split reward-keyed code-RL data.
 
     pipeline prepare --data_path logs/*.parquet --output_dir data/prepared \\
         --reward_key normalized_reward --response_key unprocessed_response --datafilter posonly
@@ -26,6 +25,9 @@ Output (`output_dir`, written under a temporary name and renamed when complete):
   is) is written while its rows are cleaned; the others, and all pairs after a `max_length` filter, are
   read back from the rl shards (`*late-*` shards; the rl view is written aside if not among the views);
 - `manifest.json`: sources with sha256, rows in/out, drops per reason, the config, tokenizer fingerprint.
+
+Code: config, read, scan (pass 1), transform, clean, views (pass 2), shards, pairs (pass 3), parallel; `main` in
+stage.py.
 """
 
 from pipeline.errors import PipelineError

@@ -1,0 +1,245 @@
+"""Answers: generated once per model, prompt and sampling settings, and cached on disk by model fingerprint."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.data import sha256_file, write_parquet_atomic
+from pipeline.errors import PipelineError
+from pipeline.models import check_model_dir
+from pipeline.stages.eval.config import CACHE_FLUSH_PROMPTS, EvalConfig, ModelSpec, PromptItem
+from pipeline.stages.eval.prompts import render_chat
+from pipeline.stats import stable_seed
+
+logger = logging.getLogger("pipeline.eval")
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:  # a model listed twice (or judged again in-process) is hashed once
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def model_fingerprint(path: str, key: str = "models") -> str:
+    """Hash of what decides a model's answers: config (or adapter config), weight files, tokenizer, and for a
+    LoRA adapter its base model's fingerprint."""
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenization import tokenizer_fingerprint
+
+    folder = Path(path)
+    weights = [
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and (p.suffix == ".safetensors" or (p.suffix == ".bin" and p.name != "training_args.bin"))
+    ]
+    if not weights:
+        raise PipelineError(f"{key}: '{path}' holds no weight files (*.safetensors or *.bin)")
+    configs = [folder / n for n in ("config.json", "adapter_config.json") if (folder / n).is_file()]
+    digest = hashlib.sha256()
+    for p in sorted(configs + weights):
+        digest.update(f"{p.name}:{_file_hash(p)}\n".encode())
+    if (folder / "adapter_config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        check_model_dir(base, f"{key} (base model of the LoRA adapter '{path}')")
+        digest.update(f"base:{model_fingerprint(base, key)}\n".encode())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise PipelineError(
+            f"{key}: cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}"
+        ) from None
+    digest.update(f"tokenizer:{tokenizer_fingerprint(tokenizer)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def sampling_settings(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings that decide the answers (greedy ignores top_p/top_k, so they do not split the cache)."""
+    sampled = cfg.temperature > 0
+    return {
+        "temperature": float(cfg.temperature),
+        "top_p": float(cfg.top_p) if sampled else 1.0,
+        "top_k": int(cfg.top_k) if sampled else 0,
+        "max_new_tokens": int(cfg.max_new_tokens),
+        "num_samples": int(cfg.num_samples),
+        "seed": int(cfg.seed) if sampled else 0,
+    }
+
+
+def generate_answers(
+    tokenizer,
+    model,
+    texts: list[str],
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress=None,
+) -> list[list[str]]:
+    """`num_samples` answers to each rendered prompt, batched with left padding, decoded without special
+    tokens. Each batch is seeded from `seed` and its texts, so the same batch gives the same answers."""
+    import torch
+    from transformers import GenerationConfig
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    sampled = temperature > 0
+    eos = model.generation_config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    # every knob set explicitly: a model's own generation_config.json must not change what was asked for
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampled,
+        temperature=temperature if sampled else 1.0,
+        top_p=top_p if sampled else 1.0,
+        top_k=top_k if sampled else 50,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids or None,
+    )
+    device = next(model.parameters()).device
+    answers: list[list[str]] = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        torch.manual_seed(stable_seed(seed, batch))
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=config)
+        decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += [decoded[i * num_samples : (i + 1) * num_samples] for i in range(len(batch))]
+        if progress is not None:
+            progress.update(len(batch))
+    return answers
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def _read_cache(path: Path, num_samples: int) -> dict[str, list[str]]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return {}
+    try:
+        table = pq.read_table(path, columns=["prompt_key", "sample_index", "answer"]).to_pylist()
+    except Exception as err:
+        logger.warning("eval: ignoring unreadable answers cache %s (%s)", path, str(err).splitlines()[0])
+        return {}
+    by_key: dict[str, dict[int, str]] = defaultdict(dict)
+    for row in table:
+        by_key[row["prompt_key"]][row["sample_index"]] = row["answer"]
+    return {
+        k: [v[i] for i in range(num_samples)]
+        for k, v in by_key.items()
+        if all(i in v for i in range(num_samples))
+    }
+
+
+def _write_cache(
+    path: Path, answers: dict[str, list[str]], ids: dict[str, str], spec: ModelSpec, settings: dict
+) -> None:
+    import pyarrow as pa
+
+    rows = [
+        {"prompt_key": k, "prompt_id": ids.get(k, ""), "sample_index": i, "answer": a}
+        for k, samples in answers.items()
+        for i, a in enumerate(samples)
+    ]
+    schema = pa.schema(
+        [
+            ("prompt_key", pa.string()),
+            ("prompt_id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("answer", pa.string()),
+        ],
+        metadata={
+            "model_fingerprint": spec.fingerprint,
+            "model_path": spec.path,
+            "sampling": json.dumps(settings, sort_keys=True),
+        },
+    )
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def answers_for(
+    spec: ModelSpec, items: list[PromptItem], cfg: EvalConfig, cache_dir: Path
+) -> dict[str, list[str]]:
+    """prompt key -> answers of one model: from the cache where there, generated (and cached) otherwise."""
+    from tqdm.auto import tqdm
+
+    settings = sampling_settings(cfg)
+    settings_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir / f"answers-{spec.fingerprint}-{settings_key}.parquet"
+    cached = _read_cache(path, cfg.num_samples)
+    todo = [it for it in items if it.key not in cached]
+    logger.info(
+        "eval: %s: %d of %d prompts' answers in the cache %s",
+        spec.name,
+        len(items) - len(todo),
+        len(items),
+        path.name,
+    )
+    if todo:
+        import torch
+
+        tokenizer, model = _load_generator(spec, cfg)
+        ids = {it.key: it.prompt_id for it in items}
+        with tqdm(total=len(todo), desc=f"generating {spec.name}", unit="prompt") as bar:
+            step = max(CACHE_FLUSH_PROMPTS, cfg.batch_size)
+            for start in range(0, len(todo), step):
+                chunk = todo[start : start + step]
+                texts = [render_chat(tokenizer, it.messages) for it in chunk]
+                kwargs = {
+                    k: settings[k] for k in ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens")
+                }
+                new = generate_answers(
+                    tokenizer, model, texts, batch_size=cfg.batch_size, seed=cfg.seed, progress=bar, **kwargs
+                )
+                for it, samples in zip(chunk, new, strict=True):
+                    cached[it.key] = list(samples)
+                _write_cache(path, cached, ids, spec, settings)  # a crash loses at most one chunk
+        spec.generated = len(todo)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {it.key: cached[it.key] for it in items}
+
+
+def _load_generator(spec: ModelSpec, cfg: EvalConfig):
+    import torch
+
+    from pipeline.models import load_for_generation
+
+    tokenizer, model = load_for_generation(spec.path, key="models", dtype=torch_dtype(cfg.dtype))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return tokenizer, model
