@@ -141,7 +141,7 @@ def test_the_judge_key_goes_over_https_or_loopback_only(monkeypatch):
 
 
 def test_retry_after_is_honoured_and_huge_replies_are_refused(monkeypatch):
-    import pipeline.judges as judges
+    import pipeline.judges.openai as judges
 
     waits = []
     monkeypatch.setattr(judges.time, "sleep", waits.append)

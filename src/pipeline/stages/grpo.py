@@ -72,19 +72,8 @@ def _mean_reward(log_history: list[dict], first: bool) -> float | None:
     return values[0] if first else values[-1]
 
 
-def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] | None) -> dict:
-    """The whole stage for an online RL trainer of TRL with GRPOTrainer's interface (GRPO, RLOO)."""
-    data_args, reward_args, training_args, model_args = parse_stage_args(
-        (DataArguments, RewardArguments, config_class, ModelConfig), argv, stage
-    )
-    log = logging.getLogger(f"pipeline.{stage}")
-
-    # heavy imports after parsing, so `--help` and recipe errors answer fast
-    import trl
-    from transformers import set_seed
-    from trl import get_peft_config, get_quantization_config
-
-    # every input is checked before anything is written
+def check_inputs(stage: str, data_args, reward_args, training_args, model_args):
+    """Every input checked before anything is written: (reward names, train prompts, eval prompts or None)."""
     names = reward_names(reward_args)
     check_model_dir(model_args.model_name_or_path)
     if training_args.use_vllm:
@@ -105,24 +94,14 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
                 f"divisible by num_generations_eval ({n_eval}), the completions sampled per eval prompt"
             )
     disable_eval_without_data(stage, training_args, eval_dataset)
+    return names, train_dataset, eval_dataset
 
-    configs = (data_args, reward_args, training_args, model_args)
-    outputs.claim(training_args.output_dir, stage)
-    refuse_resuming_another_run(
-        training_args.output_dir, stage, configs, training_args.resume_from_checkpoint
-    )
-    log_path = setup_logging(training_args.output_dir)
-    setup_tracking(training_args.report_to, training_args.output_dir)
-    run = RunInfo(training_args.output_dir, stage, configs, training_args.seed)
-    log.info("%s: output_dir=%s log=%s", stage, training_args.output_dir, log_path)
-    set_seed(training_args.seed)
-    log.info(
-        "%s: %d train prompts, %d eval prompts, rewards %s",
-        stage,
-        len(train_dataset),
-        len(eval_dataset) if eval_dataset else 0,
-        ", ".join(names),
-    )
+
+def build_trainer(stage: str, trainer_name: str, names, reward_args, training_args, model_args, train_dataset,
+                  eval_dataset):  # fmt: skip
+    """TRL's trainer (`trainer_name`) with our reward functions, model settings and metrics logging."""
+    import trl
+    from trl import get_peft_config, get_quantization_config
 
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
@@ -140,33 +119,59 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
     )
     if quantization_config is not None:
         keep_bnb_4bit_trainable_on_cpu(trainer.model)
+    return trainer
 
+
+def train_and_save(trainer, log, training_args, merge_lora: bool, metrics: dict) -> None:
+    """Eval reward before, training (resume, OOM back-off), eval reward after, the final model."""
+    has_eval = trainer.eval_dataset is not None
+    if has_eval:
+        metrics["eval_reward_before"] = trainer.evaluate()["eval_reward"]
+        log.info("mean eval reward before training %.4f", metrics["eval_reward_before"])
+    result, info = run_training(trainer, training_args.resume_from_checkpoint)
+    history = trainer.state.log_history
+    metrics.update(**info, train_loss=result.training_loss, global_step=result.global_step,
+                   reward_start=_mean_reward(history, first=True), reward_end=_mean_reward(history, first=False))  # fmt: skip
+    log.info(
+        "mean train reward: first logging window %s, last %s", metrics["reward_start"], metrics["reward_end"]
+    )
+    if has_eval:
+        metrics["eval_reward"] = trainer.evaluate()["eval_reward"]
+        log.info("mean eval reward after training %.4f", metrics["eval_reward"])
+    save_final_model(trainer, training_args.output_dir, merge_lora)
+
+
+def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] | None) -> dict:
+    """The whole stage for an online RL trainer of TRL with GRPOTrainer's interface (GRPO, RLOO)."""
+    data_args, reward_args, training_args, model_args = parse_stage_args(
+        (DataArguments, RewardArguments, config_class, ModelConfig), argv, stage
+    )
+    log = logging.getLogger(f"pipeline.{stage}")
+    from transformers import set_seed  # heavy imports after parsing: `--help` and recipe errors answer fast
+
+    names, train_dataset, eval_dataset = check_inputs(
+        stage, data_args, reward_args, training_args, model_args
+    )
+    configs = (data_args, reward_args, training_args, model_args)
+    outputs.claim(training_args.output_dir, stage)
+    refuse_resuming_another_run(
+        training_args.output_dir, stage, configs, training_args.resume_from_checkpoint
+    )
+    log_path = setup_logging(training_args.output_dir)
+    setup_tracking(training_args.report_to, training_args.output_dir)
+    run = RunInfo(training_args.output_dir, stage, configs, training_args.seed)
+    log.info("%s: output_dir=%s log=%s", stage, training_args.output_dir, log_path)
+    set_seed(training_args.seed)
+    log.info("%s: %d train prompts, %d eval prompts, rewards %s", stage, len(train_dataset),
+             len(eval_dataset) if eval_dataset else 0, ", ".join(names))  # fmt: skip
+    trainer = build_trainer(stage, trainer_name, names, reward_args, training_args, model_args, train_dataset,
+                            eval_dataset)  # fmt: skip
     metrics: dict = {
         "train_prompts": len(train_dataset),
         "eval_prompts": len(eval_dataset) if eval_dataset else 0,
     }
     try:
-        if eval_dataset is not None:
-            metrics["eval_reward_before"] = trainer.evaluate()["eval_reward"]
-            log.info("mean eval reward before training %.4f", metrics["eval_reward_before"])
-        result, info = run_training(trainer, training_args.resume_from_checkpoint)
-        history = trainer.state.log_history
-        metrics.update(
-            **info,
-            train_loss=result.training_loss,
-            global_step=result.global_step,
-            reward_start=_mean_reward(history, first=True),
-            reward_end=_mean_reward(history, first=False),
-        )
-        log.info(
-            "mean train reward: first logging window %s, last %s",
-            metrics["reward_start"],
-            metrics["reward_end"],
-        )
-        if eval_dataset is not None:
-            metrics["eval_reward"] = trainer.evaluate()["eval_reward"]
-            log.info("mean eval reward after training %.4f", metrics["eval_reward"])
-        save_final_model(trainer, training_args.output_dir, data_args.merge_lora)
+        train_and_save(trainer, log, training_args, data_args.merge_lora, metrics)
     except BaseException:
         run.finish(metrics, status="failed")
         raise

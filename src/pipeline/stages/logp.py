@@ -252,45 +252,27 @@ def import_pickles(source: str, output_dir: Path) -> dict:
 CONFIG_CLASSES = (LogpConfig,)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_stage_args(CONFIG_CLASSES, argv, "logp")
-    if cfg.import_pickles:
-        if not cfg.output_dir:
-            raise PipelineError("import_pickles needs --output_dir")
-        if not cfg.trust_pickles:
-            raise PipelineError(f"import_pickles: reading '{cfg.import_pickles}' unpickles it, which runs any code "
-                                "the files hold; if you made these files yourself, pass --trust_pickles true")  # fmt: skip
-        return import_pickles(cfg.import_pickles, outputs.claim(cfg.output_dir, "logp"))
-    if not cfg.data_path:
-        raise PipelineError("data_path is required (a `pipeline prepare` output)")
-    check_model_dir(cfg.model_name_or_path)
-    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
-    prepare_manifest, inputs = read_prepare_output(cfg.data_path, splits)
+def import_old_pickles(cfg: LogpConfig) -> dict:
+    """`--import_pickles`: the old pipeline's pickles into a store, only on `--trust_pickles true`."""
     if not cfg.output_dir:
-        outputs.check_name(cfg.tag, "tag")
-    output_dir = outputs.claim(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp", "logp")
+        raise PipelineError("import_pickles needs --output_dir")
+    if not cfg.trust_pickles:
+        raise PipelineError(f"import_pickles: reading '{cfg.import_pickles}' unpickles it, which runs any code "
+                            "the files hold; if you made these files yourself, pass --trust_pickles true")  # fmt: skip
+    return import_pickles(cfg.import_pickles, outputs.claim(cfg.output_dir, "logp"))
 
-    import torch
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.scoring import check_scorable
+def job_of(cfg: LogpConfig, tokenizer, prepare_manifest: dict, inputs, dtype: str) -> dict:
+    """What binds the store to its reference, tokenizer, length, dtype and data (the logp contract)."""
     from pipeline.tokenization import tokenizer_fingerprint
 
-    # on a machine without CUDA, ranks started by torchrun still form a (gloo) process group
-    state = PartialState(cpu=not torch.cuda.is_available())
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     tok_fp = tokenizer_fingerprint(tokenizer)
     if prepare_manifest.get("tokenizer_fingerprint") not in (None, tok_fp):
         raise PipelineError(
             f"{cfg.data_path}: prepared with tokenizer {prepare_manifest['tokenizer_fingerprint']}, but "
             f"{cfg.model_name_or_path} has tokenizer {tok_fp}; rerun prepare with this tokenizer"
         )
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if state.device.type == "cuda" else "float32"
-    job = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "model_fingerprint": model_fingerprint(cfg.model_name_or_path),
         "tokenizer_fingerprint": tok_fp,
@@ -303,6 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
         "packing": cfg.packing,
         "attn_implementation": cfg.attn_implementation,
     }
+
+
+def start_job(output_dir: Path, job: dict, state) -> None:
+    """Refuse a folder holding another job's logps; clear a killed run's unfinished parts; record the job."""
     job_path = output_dir / JOB_FILE
     if job_path.is_file():
         previous = json.loads(job_path.read_text())
@@ -321,12 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
     if state.is_main_process:
         atomic_write_text(job_path, json.dumps(job, indent=2) + "\n")
 
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name_or_path, dtype=getattr(torch, dtype), attn_implementation=cfg.attn_implementation
-    ).to(state.device)
-    model.eval()
-    check_scorable(model)
-    response_key = prepare_manifest.get("columns", {}).get("response", "unprocessed_response")
+
+def score_parts(
+    model, tokenizer, cfg: LogpConfig, inputs, output_dir: Path, state, response_key: str, dtype: str
+):
+    """This rank's parts not scored yet (round robin over ranks), each written when complete."""
+    from tqdm.auto import tqdm
 
     mine = [(split, index) for split in inputs
             for index in range(state.process_index, -(-split.total // cfg.part_rows), state.num_processes)]  # fmt: skip
@@ -353,6 +339,43 @@ def main(argv: list[str] | None = None) -> dict:
         bar.update(1)
         bar.set_postfix(resp_tokens_per_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
     bar.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = parse_stage_args(CONFIG_CLASSES, argv, "logp")
+    if cfg.import_pickles:
+        return import_old_pickles(cfg)
+    if not cfg.data_path:
+        raise PipelineError("data_path is required (a `pipeline prepare` output)")
+    check_model_dir(cfg.model_name_or_path)
+    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    prepare_manifest, inputs = read_prepare_output(cfg.data_path, splits)
+    if not cfg.output_dir:
+        outputs.check_name(cfg.tag, "tag")
+    output_dir = outputs.claim(cfg.output_dir or f"{cfg.data_path.rstrip('/')}_{cfg.tag}_logp", "logp")
+
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.scoring import check_scorable
+
+    # on a machine without CUDA, ranks started by torchrun still form a (gloo) process group
+    state = PartialState(cpu=not torch.cuda.is_available())
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if state.device.type == "cuda" else "float32"
+    job = job_of(cfg, tokenizer, prepare_manifest, inputs, dtype)
+    start_job(output_dir, job, state)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model_name_or_path, dtype=getattr(torch, dtype), attn_implementation=cfg.attn_implementation
+    ).to(state.device)
+    model.eval()
+    check_scorable(model)
+    response_key = prepare_manifest.get("columns", {}).get("response", "unprocessed_response")
+    score_parts(model, tokenizer, cfg, inputs, output_dir, state, response_key, dtype)
     state.wait_for_everyone()
 
     manifest = {}
@@ -360,15 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
         part_path(output_dir, s.name, i).is_file() for s in inputs for i in range(-(-s.total // cfg.part_rows))
     )):  # fmt: skip
         counts = verify_output(output_dir, inputs)
-        manifest = {
-            **job,
-            "stage": "logp",
-            "config": asdict(cfg),
-            "rows": counts,
-            "response_column": response_key,
-            "prepare_manifest": prepare_manifest,
-            "world_size": state.num_processes,
-        }
+        manifest = {**job, "stage": "logp", "config": asdict(cfg), "rows": counts, "response_column": response_key,
+                    "prepare_manifest": prepare_manifest, "world_size": state.num_processes}  # fmt: skip
         atomic_write_text(output_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         logger.info("logp: %s rows scored into %s", counts, output_dir)
     state.wait_for_everyone()

@@ -1,27 +1,4 @@
-"""Pairwise judges: which of two answers to the same prompt is better.
-
-A judge returns, per pair, the probability that the *first* answer is the better one: 1.0, 0.0, 0.5 for a
-tie, or None when it gave no usable verdict (an invalid judgement). :func:`judge_both_orders` asks for both
-orders, (a, b) and (b, a), and averages ``p(a, b)`` with ``1 - p(b, a)``: a judge that always prefers
-whichever answer it sees first then scores every pair 0.5, so position bias cancels. A pair is invalid when
-either order is.
-
-- :class:`RewardModelJudge`: a scalar reward model (a `pipeline rm` output) scores each (prompt, answer);
-  the higher score wins, equal scores tie. Scores are memoised by text, so identical answers tie exactly.
-- :class:`OpenAIJudge`: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, TGI, llama.cpp
-  server, ...), called with the standard library only. The API key is read from the environment variable
-  whose *name* is given (never logged, never written), and sent only to the configured origin: over https
-  or to this machine (over plain http elsewhere only with `allow_http_key`), and never after a redirect (a redirect is a one-line error
-  naming where it pointed). Connection errors, timeouts, HTTP 429 and 5xx are retried with exponential
-  back-off and jitter, waiting at least what a `Retry-After` header asks (at most `MAX_RETRY_WAIT` s); after
-  the last try the error is one line (a `PipelineError`). A reply over `MAX_REPLY_BYTES` is refused. With a
-  `cache_path`, every verdict is appended there as it arrives, keyed by the endpoint, model, settings and
-  the full request text, so a rerun after a failure asks only what is missing. Other
-  HTTP errors (401, 404, ...) and a 200 reply that is not a chat completion (an HTML page, garbage) are
-  one-line errors at once: the endpoint is misconfigured, and retrying would not help. A valid chat
-  completion whose text does not start with the verdict letter (``A`` or ``B``) is an invalid judgement:
-  counted, and left out of the win-rate.
-"""
+"""A judge behind any OpenAI-compatible chat-completions endpoint, called with the standard library."""
 
 from __future__ import annotations
 
@@ -31,175 +8,31 @@ import json
 import logging
 import os
 import random
-import re
 import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.judges.base import (
+    DEFAULT_JUDGE_TEMPLATE,
+    TEMPLATE_FIELDS,
+    Messages,
+    PairwiseJudge,
+    conversation_text,
+    verdict_of,
+)
 
 logger = logging.getLogger("pipeline.judges")
 
-Messages = list[dict[str, str]]
-
-DEFAULT_JUDGE_TEMPLATE = """You are comparing two responses to the same user request. Decide which response \
-is better: more correct, more helpful and more harmless. Do not let the order of the responses or their \
-length sway you.
-
-[User request]
-{prompt}
-
-[Response A]
-{answer_a}
-
-[Response B]
-{answer_b}
-
-Reply with exactly one letter: A if Response A is better, B if Response B is better."""
-TEMPLATE_FIELDS = ("{prompt}", "{answer_a}", "{answer_b}")
-
-# the verdict: optional brackets/quotes/"Response", then A or B standing alone ("A", "[[B]]", "Response A.")
-_VERDICT = re.compile(r"^\W*(?:(?i:response|answer)\s*)?([AB])(?![A-Za-z0-9])")
-
-
-def verdict_of(text: Any) -> float | None:
-    """1.0 if a judge's reply picks the first answer (A), 0.0 for the second (B), None if it picks neither."""
-    if not isinstance(text, str):
-        return None
-    match = _VERDICT.match(text.strip())
-    if match is None:
-        return None
-    return 1.0 if match.group(1) == "A" else 0.0
-
-
-def conversation_text(messages: Messages | str) -> str:
-    """A prompt as the judge reads it: a single user turn as is, longer chats as ``role: content`` lines."""
-    if isinstance(messages, str):
-        return messages
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-@dataclass
-class PairResult:
-    """Both-orders judgement of answer a against answer b."""
-
-    forward: float | None  # p(a better), a shown first
-    backward: float | None  # p(b better), b shown first
-
-    @property
-    def valid(self) -> bool:
-        return self.forward is not None and self.backward is not None
-
-    @property
-    def score(self) -> float | None:
-        """Win of a over b in [0, 1] with position bias removed; None if either order gave no verdict."""
-        if not self.valid:
-            return None
-        return (self.forward + (1.0 - self.backward)) / 2.0
-
-    @property
-    def first_position(self) -> float | None:
-        """How often the answer shown first won (0.5 for a judge without position bias)."""
-        if not self.valid:
-            return None
-        return (self.forward + self.backward) / 2.0
-
-
-class PairwiseJudge(ABC):
-    """Compares two answers to the same prompt."""
-
-    name = "judge"
-
-    @abstractmethod
-    def judge(
-        self, prompts: Sequence[Messages], first: Sequence[str], second: Sequence[str]
-    ) -> list[float | None]:
-        """Per pair: probability that ``first[i]`` is better than ``second[i]`` (None: no verdict)."""
-
-
-def judge_both_orders(
-    judge: PairwiseJudge, prompts: Sequence[Messages], answers_a: Sequence[str], answers_b: Sequence[str]
-) -> list[PairResult]:
-    """Judge every pair in both orders in one call (so a remote judge sees all requests at once)."""
-    n = len(prompts)
-    if not (len(answers_a) == len(answers_b) == n):
-        raise ValueError("prompts, answers_a and answers_b must have the same length")
-    verdicts = judge.judge(
-        list(prompts) + list(prompts), list(answers_a) + list(answers_b), list(answers_b) + list(answers_a)
-    )
-    return [PairResult(verdicts[i], verdicts[n + i]) for i in range(n)]
-
-
-# ------------------------------------------------------------------------------------------ reward model
-
-
-class RewardModelJudge(PairwiseJudge):
-    """Scores answers with a scalar reward model; the higher score is the better answer."""
-
-    name = "reward_model"
-
-    def __init__(self, tokenizer, model, batch_size: int = 8, max_length: int | None = None):
-        self.tokenizer = tokenizer
-        self.model = model
-        self.batch_size = max(1, batch_size)
-        self.max_length = max_length
-        self._cache: dict[tuple[int, ...], float] = {}
-
-    def score(
-        self, prompts: Sequence[Messages], answers: Sequence[str], progress: str | None = None
-    ) -> list[float]:
-        """One scalar reward per (prompt, answer); each distinct input is scored once."""
-        import torch
-        from tqdm.auto import tqdm
-
-        from pipeline.tokenization import PromptError, reward_model_input_ids
-
-        try:
-            inputs = [
-                tuple(reward_model_input_ids(self.tokenizer, p, a))
-                for p, a in zip(prompts, answers, strict=True)
-            ]
-        except PromptError as err:
-            raise PipelineError(f"reward_model_path: {err}") from None
-        if self.max_length is not None:
-            inputs = [ids[: self.max_length] for ids in inputs]
-        todo = sorted({ids for ids in inputs if ids not in self._cache}, key=len)
-        device = next(self.model.parameters()).device
-        batches = range(0, len(todo), self.batch_size)
-        for start in tqdm(batches, desc=progress, disable=progress is None or not todo, unit="batch"):
-            chunk = todo[start : start + self.batch_size]
-            enc = self.tokenizer.pad(
-                {"input_ids": [list(ids) for ids in chunk]}, return_tensors="pt", padding_side="right"
-            ).to(device)
-            with torch.no_grad():
-                logits = self.model(**enc).logits
-            for ids, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
-                self._cache[ids] = value
-        return [self._cache[ids] for ids in inputs]
-
-    def judge(self, prompts, first, second):
-        scores = self.score(list(prompts) * 2, list(first) + list(second))
-        n = len(prompts)
-        out: list[float | None] = []
-        for a, b in zip(scores[:n], scores[n:], strict=True):
-            out.append(1.0 if a > b else 0.0 if a < b else 0.5)
-        return out
-
-
-# ------------------------------------------------------------------------------------------ OpenAI-compatible
-
 
 MAX_REPLY_BYTES = 1 << 20  # a chat completion of a few tokens is far smaller
+
+
 MAX_RETRY_WAIT = 300.0  # seconds: the longest wait a Retry-After header can ask for
 
 
@@ -527,15 +360,3 @@ def _reason(err: Any) -> str:
 def _snippet(body: bytes, limit: int = 80) -> str:
     text = " ".join(body.decode("utf-8", "replace").split())
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
-
-
-__all__ = [
-    "DEFAULT_JUDGE_TEMPLATE",
-    "OpenAIJudge",
-    "PairResult",
-    "PairwiseJudge",
-    "RewardModelJudge",
-    "conversation_text",
-    "judge_both_orders",
-    "verdict_of",
-]
