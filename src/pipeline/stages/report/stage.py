@@ -97,22 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+def output_dir_of(args, dirs: list[Path]) -> Path:
     if args.digits < 0:
         raise PipelineError(f"--digits must be >= 0, got {args.digits}")
-    dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         if not d.exists():
             raise PipelineError(f"RUN_DIR not found: '{d}'")
     if args.output_dir is None and len(dirs) > 1:
         raise PipelineError("--output_dir is required with more than one RUN_DIR")
-    output_dir = (
+    return (
         Path(args.output_dir)
         if args.output_dir
         else (dirs[0] if dirs[0].is_dir() else dirs[0].parent) / "report"
     )
-    outputs.check_ours(output_dir, "report")  # before the runs are read: a wrong folder is said at once
+
+
+def labeller(args):
+    """`label_of(record, lookup)`: the record's group label from `--group_by` (setting its x from `--x`)."""
     group_fields = [f.strip() for f in args.group_by.split(",") if f.strip()] or ["stage"]
 
     def label_of(r: Record, lookup: FieldLookup) -> str:
@@ -128,16 +129,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r.x = x_value(lookup.get(r.run_dir, args.x), args.x, r.run_dir)
         return ", ".join(parts)
 
-    baseline_dirs = [Path(parse_baseline(s)[2]) for s in args.baseline]
-    exclude = [output_dir] + [p for p in baseline_dirs if p.is_dir()]
-    records, skipped = collect(dirs, exclude, label_of)
-    if not skipped["files"]:
-        raise PipelineError(f"no {RUN_FILE} found under {', '.join(str(d) for d in dirs)}")
-    if not records:
-        raise PipelineError(
-            f"no completed run among the {skipped['files']} {RUN_FILE} files found "
-            f"(status: {', '.join(f'{k}: {v}' for k, v in skipped['not_completed'].items()) or 'unreadable'})"
-        )
+    return label_of
+
+
+def chosen_metrics(args, records: list[Record]) -> list[str]:
+    """`--metrics`, or the headline metrics the runs have; each must be in some completed run."""
     available = {k for r in records for k in r.metrics}
     metrics = args.metrics or default_metrics(available)
     if not metrics:
@@ -152,6 +148,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise PipelineError(
                 f"metric '{m}' is in no completed run{hint} (metrics found: {', '.join(sorted(available))})"
             )
+    return metrics
+
+
+def draw_figures(output_dir: Path, args, metrics, aggs, groups, baselines) -> list[Path]:
+    figures = []
+    for m in metrics:
+        cells = [a for a in aggs if a["metric"] == m]
+        if not cells:
+            continue
+        path = output_dir / figure_name(m)
+        if args.x is not None:
+            draw_lines(path, m, cells, groups, args.x, args.log_x, baselines)
+        else:
+            draw_bars(path, m, cells, groups, baselines)
+        figures.append(path)
+    return figures
+
+
+def table_captions(aggs) -> tuple[str, str]:
+    """(Markdown caption, LaTeX caption) of the tables."""
+    caption = "Mean ± half-width of the 95% Student-t interval over seeds (n runs; one run: its value)."
+    latex_caption = (
+        "Mean $\\pm$ half-width of the 95\\% Student-t interval over seeds ($n$ runs; one run: its value)."
+    )
+    if any(a["before_training"] for a in aggs):
+        caption += " before: the starting model, from the runs' `<metric>_before` values."
+        latex_caption += " before: the starting model, from the runs' \\texttt{<metric>\\_before} values."
+    return caption, latex_caption
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    dirs = [Path(d) for d in args.run_dirs]
+    output_dir = output_dir_of(args, dirs)
+    outputs.check_ours(output_dir, "report")  # before the runs are read: a wrong folder is said at once
+    label_of = labeller(args)
+    baseline_dirs = [Path(parse_baseline(s)[2]) for s in args.baseline]
+    exclude = [output_dir] + [p for p in baseline_dirs if p.is_dir()]
+    records, skipped = collect(dirs, exclude, label_of)
+    if not skipped["files"]:
+        raise PipelineError(f"no {RUN_FILE} found under {', '.join(str(d) for d in dirs)}")
+    if not records:
+        raise PipelineError(
+            f"no completed run among the {skipped['files']} {RUN_FILE} files found "
+            f"(status: {', '.join(f'{k}: {v}' for k, v in skipped['not_completed'].items()) or 'unreadable'})"
+        )
+    metrics = chosen_metrics(args, records)
     use_x = args.x is not None
     plotted = records
     if use_x:
@@ -170,50 +213,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outputs.claim(output_dir, "report")
     csv_path = output_dir / "runs.csv"
     write_csv(csv_path, records, args.x, metrics)
-    figures = []
-    for m in metrics:
-        cells = [a for a in aggs if a["metric"] == m]
-        if not cells:
-            continue
-        path = output_dir / figure_name(m)
-        if use_x:
-            draw_lines(path, m, cells, groups, args.x, args.log_x, baselines)
-        else:
-            draw_bars(path, m, cells, groups, baselines)
-        figures.append(path)
-
+    figures = draw_figures(output_dir, args, metrics, aggs, groups, baselines)
     rows = table_rows(aggs, metrics, groups, use_x)
-    caption = "Mean ± half-width of the 95% Student-t interval over seeds (n runs; one run: its value)."
-    latex_caption = (
-        "Mean $\\pm$ half-width of the 95\\% Student-t interval over seeds ($n$ runs; one run: its value)."
-    )
-    if any(a["before_training"] for a in aggs):
-        caption += " before: the starting model, from the runs' `<metric>_before` values."
-        latex_caption += " before: the starting model, from the runs' \\texttt{<metric>\\_before} values."
+    caption, latex_caption = table_captions(aggs)
     table_path = output_dir / "table.tex"
     atomic_write_text(table_path, latex_table(rows, metrics, args.x, args.digits, latex_caption))
     summary_path = output_dir / "summary.md"
     md = markdown_table(rows, metrics, args.x, args.digits)
-    without_x = len(records) - len(plotted)
-    text = _summary(dirs, records, skipped, without_x, args.x, md, caption, figures, baselines)
+    text = _summary(
+        dirs, records, skipped, len(records) - len(plotted), args.x, md, caption, figures, baselines
+    )
     atomic_write_text(summary_path, text)
     result = {
-        "output_dir": str(output_dir),
-        "runs": len({r.run_dir for r in records}),
-        "records": len(records),
-        "skipped": skipped["not_completed"],
-        "unreadable": skipped["unreadable"],
-        "without_x": len(records) - len(plotted),
-        "x": args.x,
-        "metrics": metrics,
-        "groups": groups,
-        "baselines": {b.name: b.values for b in baselines},
-        "aggregates": aggs,
-        "csv": str(csv_path),
-        "figures": [str(p) for p in figures],
-        "table": str(table_path),
-        "summary": str(summary_path),
-    }
+        "output_dir": str(output_dir), "runs": len({r.run_dir for r in records}), "records": len(records),
+        "skipped": skipped["not_completed"], "unreadable": skipped["unreadable"],
+        "without_x": len(records) - len(plotted), "x": args.x, "metrics": metrics, "groups": groups,
+        "baselines": {b.name: b.values for b in baselines}, "aggregates": aggs, "csv": str(csv_path),
+        "figures": [str(p) for p in figures], "table": str(table_path), "summary": str(summary_path),
+    }  # fmt: skip
     atomic_write_text(output_dir / "report.json", json.dumps(result, indent=2) + "\n")
     _print_result(result, skipped)
     return result
