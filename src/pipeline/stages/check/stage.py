@@ -47,7 +47,7 @@ def _stage_doc() -> str:
     return importlib.import_module("pipeline.stages.check").__doc__ or ""
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline check", description=_stage_doc().split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a stage's YAML recipe")
     parser.add_argument("--stage", choices=STAGES, help="the recipe's stage (default: file name, then keys)")
@@ -72,7 +72,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--probe", type=lambda s: as_bool("--probe", s), default=True,
                         help="on a GPU, run one probe step (default true)")  # fmt: skip
     parser.add_argument("--output_json", help="also write the result here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def probe_step(args, gpus, shape, plan) -> tuple[dict | None, int]:
+    """On a GPU: one probe step of the real model (one process, no sharding, the policy alone), and how far
+    its peak is above the estimate (the offset later recommendations add); (None, 0) without one."""
+    if not (gpus and args.probe):
+        return None, 0
+    single = replace(plan, num_gpus=1, engine="single", zero=None, offload=False, policy_only=True, notes=[])
+    single_est = estimate(shape, single)
+    if single_est.persistent_bytes > gpus[0]["total_bytes"]:
+        return {"skipped": f"unsharded, the weights, gradients and optimizer alone take "
+                           f"{gib(single_est.persistent_bytes)} GiB, more than GPU 0 has"}, 0  # fmt: skip
+    probe = run_probe(shape.path, shape, plan, "cuda:0")
+    probe["estimate_single_gpu_bytes"] = single_est.total
+    offset = 0 if probe["out_of_memory"] else probe["peak_allocated_bytes"] - single_est.total
+    return probe, offset
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
 
     recipe = load_recipe(args.config)
     model_path = args.model_name_or_path or recipe.get("model_name_or_path")
@@ -98,22 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for g in targets:
         budget = budget_bytes(g["total_bytes"])
         gpu_rows.append({**g, "budget_bytes": budget, "fits": est.total <= budget})
-    probe = None
-    offset = 0
-    if gpus and args.probe:
-        # the probe: one process, no sharding, the policy alone
-        single = replace(
-            plan, num_gpus=1, engine="single", zero=None, offload=False, policy_only=True, notes=[]
-        )
-        single_est = estimate(shape, single)
-        if single_est.persistent_bytes > gpus[0]["total_bytes"]:
-            probe = {"skipped": f"unsharded, the weights, gradients and optimizer alone take "
-                                f"{gib(single_est.persistent_bytes)} GiB, more than GPU 0 has"}  # fmt: skip
-        else:
-            probe = run_probe(shape.path, shape, plan, "cuda:0")
-            probe["estimate_single_gpu_bytes"] = single_est.total
-            if not probe["out_of_memory"]:
-                offset = probe["peak_allocated_bytes"] - single_est.total
+    probe, offset = probe_step(args, gpus, shape, plan)
     recommendation = None
     options: list[str] = []
     if gpu_rows:
