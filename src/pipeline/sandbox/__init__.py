@@ -56,24 +56,19 @@ cgroup belongs to the job runner here); a test that passes the candidate a non-p
 cannot cross and fails; a function returning its own class's objects fails (only plain data crosses).
 """
 
-from pipeline.sandbox.fence import code_fence_span, strip_code_fence
-from pipeline.sandbox.runner import (
+from pipeline.sandbox.checks import (
     MAX_OUTPUT_CHARS,
     AssertTests,
     Check,
     ExecResult,
     HumanEvalTest,
-    Isolation,
     Limits,
     StdioTests,
     as_check,
-    isolation,
-    run_check,
-    run_humaneval,
-    run_many,
-    run_stdio,
-    run_tests,
 )
+from pipeline.sandbox.fence import code_fence_span, strip_code_fence
+from pipeline.sandbox.pool import run_check, run_humaneval, run_many, run_stdio, run_tests
+from pipeline.sandbox.runner import Isolation, isolation
 
 __all__ = [
     "MAX_OUTPUT_CHARS",

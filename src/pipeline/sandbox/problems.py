@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.sandbox.runner import AssertTests, Check, HumanEvalTest, StdioTests
+from pipeline.sandbox.checks import AssertTests, Check, HumanEvalTest, StdioTests
 
 SHAPES = ("HumanEval (prompt, test, entry_point)", "MBPP (text, code, test_list[, test_setup_code])",
           "the synthetic task (prompt, tests)", "stdin/stdout (inputs, outputs; or input_output)")  # fmt: skip

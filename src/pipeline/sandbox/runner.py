@@ -11,23 +11,38 @@ import math
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.sandbox.checks import (
+    AssertTests,
+    Check,
+    ExecResult,
+    Limits,
+    StdioTests,
+    checks_payload,
+    total_checks,
+)
 from pipeline.sandbox.harness import send
+from pipeline.sandbox.process import (
+    anonymous_file,
+    children_of,
+    fresh_uid,
+    kill_group,
+    read_capped,
+    scratch_dir,
+    wait_dead,
+    wait_without_reaping,
+)
 
 logger = logging.getLogger("pipeline.sandbox")
 
-MAX_OUTPUT_CHARS = 4096
 HARNESS = str(Path(__file__).with_name("harness.py"))
 _WATCHDOG_GRACE_S = 2.0
 _REPORT_GRACE_S = 1.0  # after the timeout, for the checker to report a call that timed out
@@ -50,118 +65,7 @@ _SYSTEM_LIBRARIES = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib
 # ------------------------------------------------------------------------------------------------ checks
 
 
-@dataclass(frozen=True)
-class AssertTests:
-    """Assert statements (MBPP's `test_list`, the synthetic task's `tests`), each run on its own, after the
-    trusted `setup` code (MBPP's `test_setup_code`). Every name they call but do not define is the
-    candidate's function of that name; the result counts the statements that passed."""
-
-    tests: tuple[str, ...]
-    setup: str = ""
-
-
-@dataclass(frozen=True)
-class HumanEvalTest:
-    """HumanEval's `test` (defining `check(candidate)`) run against the candidate's `entry_point`. The
-    trusted `prompt` runs in the checker first, so the test's helpers (e.g. `poly` of HumanEval/32) exist."""
-
-    test: str
-    entry_point: str
-    prompt: str = ""
-
-
-@dataclass(frozen=True)
-class StdioTests:
-    """The whole program run once per input on stdin; its stdout must equal the output (compared as
-    whitespace-separated tokens) in the checker."""
-
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-Check = AssertTests | HumanEvalTest | StdioTests
-
-
-def as_check(check) -> Check:
-    """A check, or a list of assert statements (the shape the synthetic task and `tests` columns use)."""
-    if isinstance(check, (AssertTests, HumanEvalTest, StdioTests)):
-        return check
-    if check is None:
-        raise TypeError("a sandboxed run needs a check: there is no whole-program verdict")
-    if isinstance(check, str):
-        raise TypeError("tests must be a list of statements, not one string")
-    return AssertTests(tuple(str(t) for t in check))
-
-
-def _checks_payload(check: Check) -> dict:
-    if isinstance(check, AssertTests):
-        return {"kind": "asserts", "tests": list(check.tests), "setup": check.setup}
-    if isinstance(check, HumanEvalTest):
-        return {
-            "kind": "humaneval",
-            "test": check.test,
-            "entry_point": check.entry_point,
-            "prompt": check.prompt,
-        }
-    if len(check.inputs) != len(check.outputs):
-        raise ValueError(f"{len(check.inputs)} inputs but {len(check.outputs)} outputs")
-    return {
-        "kind": "stdio",
-        "inputs": [str(x) for x in check.inputs],
-        "outputs": [str(x) for x in check.outputs],
-    }
-
-
-def _total(check: Check) -> int:
-    if isinstance(check, AssertTests):
-        return len(check.tests)
-    return 1 if isinstance(check, HumanEvalTest) else len(check.inputs)
-
-
 # ------------------------------------------------------------------------------------------------ results
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of each sandboxed process (the wall-clock timeout is an argument of the run functions).
-
-    ``cpu_seconds`` None means ``ceil(timeout) + 1``. ``max_processes`` counts the candidate's processes and
-    threads (RLIMIT_NPROC); it holds in the namespaces tier and, for non-root users, in the basic tier.
-    """
-
-    memory_bytes: int = 1024**3
-    file_size_bytes: int = 16 * 1024**2
-    work_dir_bytes: int = 64 * 1024**2  # the work dir is a tmpfs of this size (namespaces tier)
-    max_processes: int = 16
-    cpu_seconds: int | None = None
-    max_output_chars: int = MAX_OUTPUT_CHARS
-
-
-@dataclass
-class ExecResult:
-    """Outcome of one execution, as the checker decided it.
-
-    ``status``: "passed" (every test passed), "failed" (some test failed), "timeout" (the wall-clock limit was
-    hit: tests after it count as failed) or "crashed" (the program did not load, or the sandbox could not
-    run it). ``passed``/``total``: tests (HumanEval: 1). ``failed_tests``: indices of the tests that failed.
-    ``error`` is a one-line reason (the first failure: the failing line, or the input and the wrong output)
-    and ``elapsed`` the wall-clock seconds; these three do not take part in ``==``. stdout/stderr are the
-    candidate's and the test code's output, truncated: shown to people, never read for the verdict.
-    """
-
-    status: str
-    passed: int
-    total: int
-    stdout: str
-    stderr: str
-    error: str = field(default="", compare=False)
-    elapsed: float = field(default=0.0, compare=False)
-    failed_tests: tuple[int, ...] = field(default=(), compare=False)
-
-    @property
-    def fraction(self) -> float:
-        """Share of tests passed (0.0 when there are no tests)."""
-        return self.passed / self.total if self.total else 0.0
 
 
 @dataclass(frozen=True)
@@ -243,7 +147,7 @@ def _probe(mode: str) -> Isolation:
     outside = os.path.join(tempfile.gettempdir(), f"sandbox-probe-{secrets.token_hex(8)}")
     test = f"assert probe({os.readlink('/proc/self/ns/net')!r}, {outside!r}, {HARNESS!r}) == 'contained'"
     try:
-        res = _execute(_PROBE_PROGRAM, AssertTests((test,)), 20.0, Limits(), namespaces=True)
+        res = execute(_PROBE_PROGRAM, AssertTests((test,)), 20.0, Limits(), namespaces=True)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(outside)
@@ -313,93 +217,6 @@ def _harness_bytecode() -> str:
         return _BYTECODE[0]
 
 
-def _fresh_uid() -> int:
-    return 2**30 + secrets.randbelow(2**30 - 2)
-
-
-def _read_capped(path: str, limit: int) -> str:
-    """Head and tail of a possibly huge output file (a traceback's useful part is at the end)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size <= limit:
-            return f.read().decode("utf-8", errors="replace")
-        half = limit // 2
-        head = f.read(half)
-        f.seek(size - half)
-        tail = f.read(half)
-    return (
-        f"{head.decode('utf-8', errors='replace')}\n...[{size - 2 * half} bytes truncated]...\n"
-        f"{tail.decode('utf-8', errors='replace')}"
-    )
-
-
-def _wait_without_reaping(proc: subprocess.Popen, deadline: float) -> bool:
-    """Wait until ``proc`` exits but leave it a zombie, so its pid (= process group id) cannot be reused
-    before we kill the group. Returns False on timeout."""
-    if not hasattr(os, "waitid"):  # e.g. macOS: Popen.wait reaps, so the later group kill is best-effort
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-    delay = 0.001
-    while True:
-        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.01)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # group already gone
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
-    return []
-
-
-def _wait_dead(pid: int, seconds: float = 2.0) -> None:
-    """Until ``pid`` is gone or a zombie: a namespace's processes are dead once its init is."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return
-        time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def _scratch_dir():
-    """A temporary folder removed afterwards even when a program left a tree too deep for shutil.rmtree
-    (basic tier: its work dir is on the host's disk)."""
-    path = tempfile.mkdtemp(prefix="sandbox-")
-    try:
-        yield path
-    finally:
-        try:
-            shutil.rmtree(path)
-        except (RecursionError, OSError):
-            subprocess.run(["rm", "-rf", "--one-file-system", path], check=False, capture_output=True)
-
-
-def _anonymous_file(data: bytes = b"") -> int:
-    """A descriptor of a file with no name (unlinked at once): only the processes holding it can reach it."""
-    fd, path = tempfile.mkstemp(prefix="sandbox-io-")
-    os.unlink(path)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
 def _verdict(raw: bytes, total: int) -> dict | None:
     """The checker's report, validated; None when there is none."""
     try:
@@ -416,13 +233,13 @@ def _verdict(raw: bytes, total: int) -> dict | None:
     return result
 
 
-class _Sandbox:
+class Sandbox:
     """One execution's sandbox, started before its job is known (so a pool can keep some warm): the
     harness sets up the namespaces, jail and pipes, then waits for the program and the checks."""
 
     def __init__(self, namespaces: bool, limits: Limits, timeout: float):
         self.namespaces, self.limits, self.timeout = namespaces, limits, timeout
-        self._scratch = _scratch_dir()
+        self._scratch = scratch_dir()
         outer = self._scratch.__enter__()
         self.out_path, self.err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
         work = {role: os.path.join(outer, f"work-{role}") for role in ("candidate", "checker")}
@@ -431,12 +248,12 @@ class _Sandbox:
         os.mkdir(os.path.join(outer, "jail"), 0o755)
         uids = None
         if namespaces:
-            uids = {"candidate": _fresh_uid(), "checker": _fresh_uid()}
+            uids = {"candidate": fresh_uid(), "checker": fresh_uid()}
             os.chmod(outer, 0o711)  # each sandbox uid may pass through to its work dir, not read our files
             for role, path in work.items():
                 os.chown(path, uids[role], uids[role])
         cpu = limits.cpu_seconds if limits.cpu_seconds is not None else math.ceil(timeout) + 1
-        self.result_fd = _anonymous_file()
+        self.result_fd = anonymous_file()
         job_r, self.job_w = os.pipe()
         cfg = {
             "namespaces": namespaces,
@@ -490,20 +307,20 @@ class _Sandbox:
 
     def run(self, program: str, check: Check) -> ExecResult:
         """Hand the sandbox its job, wait for the verdict (or the timeout), tear everything down."""
-        total = _total(check)
+        total = total_checks(check)
         start = time.monotonic()
         try:
             if self.proc is None:
                 return ExecResult("crashed", 0, total, "", "", self.start_error)
             with contextlib.suppress(OSError):  # a harness that died in set-up reports why below
                 send(self.job_w, {"program": program, "whole": isinstance(check, StdioTests)})
-                send(self.job_w, _checks_payload(check))
+                send(self.job_w, checks_payload(check))
             os.close(self.job_w)
             self.job_w = -1
             finished = self._wait(start + self.timeout + _REPORT_GRACE_S)
             elapsed = time.monotonic() - start
-            stdout = _read_capped(self.out_path, self.limits.max_output_chars)
-            stderr = _read_capped(self.err_path, self.limits.max_output_chars)
+            stdout = read_capped(self.out_path, self.limits.max_output_chars)
+            stderr = read_capped(self.err_path, self.limits.max_output_chars)
             raw = os.pread(self.result_fd, 1 << 20, 0)
         finally:
             self.discard()
@@ -512,16 +329,16 @@ class _Sandbox:
     def _wait(self, deadline: float) -> bool:
         finished, init_pid = False, None
         try:
-            finished = _wait_without_reaping(self.proc, deadline)
+            finished = wait_without_reaping(self.proc, deadline)
         finally:
             if self.namespaces and not finished:  # the namespace's init, to wait for its teardown below
-                init_pid = next(iter(_children(self.proc.pid)), None)
+                init_pid = next(iter(children_of(self.proc.pid)), None)
             # Kill the whole group (also strays of a program that ended) while the leader is still an
             # unreaped zombie, then reap it.
-            _kill_group(self.proc.pid)
+            kill_group(self.proc.pid)
             self.proc.wait()
             if init_pid is not None:
-                _wait_dead(init_pid)
+                wait_dead(init_pid)
         return finished
 
     def discard(self) -> None:
@@ -530,7 +347,7 @@ class _Sandbox:
             os.close(self.job_w)
             self.job_w = -1
         if self.proc is not None and self.proc.returncode is None:
-            _kill_group(self.proc.pid)
+            kill_group(self.proc.pid)
             self.proc.wait()
         if self.result_fd >= 0:
             os.close(self.result_fd)
@@ -564,101 +381,9 @@ def _result(result: dict | None, finished: bool, total: int, stdout: str, stderr
     return ExecResult(status, passed, total, stdout, stderr, error, elapsed, failed_tests)
 
 
-def _execute(program: str, check: Check, timeout: float, limits: Limits, namespaces: bool) -> ExecResult:
+def execute(program: str, check: Check, timeout: float, limits: Limits, namespaces: bool) -> ExecResult:
     """One execution in a sandbox started for it."""
-    return _Sandbox(namespaces, limits, timeout).run(program, check)
-
-
-class _WarmPool:
-    """Sandboxes started ahead of their jobs, so that an execution does not wait for an interpreter and its
-    jail: taking one starts its replacement, which sets up while the taken one runs."""
-
-    def __init__(self, size: int, namespaces: bool, limits: Limits, timeout: float, jobs: int):
-        self.args, self.left = (namespaces, limits, timeout), jobs  # never start more than will be used
-        self.lock, self.ready = threading.Lock(), []
-        with self.lock:
-            for _ in range(min(size, jobs)):
-                self._start()
-
-    def _start(self) -> None:
-        if self.left > 0:
-            self.left -= 1
-            self.ready.append(_Sandbox(*self.args))
-
-    def run(self, program: str, check: Check) -> ExecResult:
-        with self.lock:
-            sandbox = self.ready.pop(0) if self.ready else None
-            if sandbox is None:
-                self.left -= 1
-            else:
-                self._start()
-        return (sandbox or _Sandbox(*self.args)).run(program, check)
-
-    def close(self) -> None:
-        with self.lock:
-            for sandbox in self.ready:
-                sandbox.discard()
-            self.ready = []
+    return Sandbox(namespaces, limits, timeout).run(program, check)
 
 
 # ------------------------------------------------------------------------------------------------ public API
-
-
-def run_check(program: str, check, timeout: float = 5.0, limits: Limits | None = None) -> ExecResult:
-    """Load ``program`` in a fresh candidate sandbox and judge it by ``check`` in a separate checker."""
-    return _execute(program, as_check(check), timeout, limits or Limits(), isolation().namespaces)
-
-
-def run_tests(
-    program: str, tests: Sequence[str], timeout: float = 5.0, limits: Limits | None = None, setup: str = ""
-) -> ExecResult:
-    """Assert statements, each run on its own in the checker (MBPP, the synthetic task); see `AssertTests`."""
-    return run_check(program, AssertTests(tuple(str(t) for t in tests), setup), timeout, limits)
-
-
-def run_humaneval(program: str, test: str, entry_point: str, prompt: str = "", timeout: float = 5.0,
-                  limits: Limits | None = None) -> ExecResult:  # fmt: skip
-    """HumanEval's verdict: ``check(candidate)`` from ``test`` with the program's ``entry_point``."""
-    return run_check(program, HumanEvalTest(test, entry_point, prompt), timeout, limits)
-
-
-def run_stdio(program: str, inputs: Sequence[str], outputs: Sequence[str], timeout: float = 5.0,
-              limits: Limits | None = None) -> ExecResult:  # fmt: skip
-    """The program on each stdin; its stdout must match the expected output token for token."""
-    return run_check(program, StdioTests(tuple(inputs), tuple(outputs)), timeout, limits)
-
-
-def run_many(
-    jobs: Iterable[tuple[str, object]],
-    timeout: float = 5.0,
-    workers: int | None = None,
-    progress: str | None = None,
-    limits: Limits | None = None,
-) -> list[ExecResult]:
-    """Run ``(program, check)`` jobs on ``workers`` threads (default: CPU count); results in input order.
-
-    ``check``: an `AssertTests`, `HumanEvalTest` or `StdioTests`, or a list of assert statements.
-    ``progress``: a label to show a progress bar with (None: no bar). Every execution ends within its
-    timeout plus teardown, whatever the program does, so one hostile job cannot stall the pool.
-    """
-    from tqdm.auto import tqdm
-
-    jobs = [(program, as_check(check)) for program, check in jobs]
-    if not jobs:
-        return []
-    namespaces = isolation().namespaces  # probe once here rather than in racing worker threads
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    results: list[ExecResult | None] = [None] * len(jobs)
-    warm = _WarmPool(workers, namespaces, limits or Limits(), timeout, len(jobs))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
-    try:
-        futures = {pool.submit(warm.run, program, check): i for i, (program, check) in enumerate(jobs)}
-        with tqdm(total=len(jobs), desc=progress, disable=progress is None, unit="run") as bar:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-    finally:
-        # On an error or Ctrl-C, queued jobs must not start; running ones end within their timeout.
-        pool.shutdown(wait=True, cancel_futures=True)
-        warm.close()
-    return results  # type: ignore[return-value]

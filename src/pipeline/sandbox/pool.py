@@ -1,0 +1,111 @@
+"""The public entry points: one execution, or many through a warm pool of sandboxes (each worker's next one starts while the current one runs)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from pipeline.sandbox.checks import (
+    AssertTests,
+    Check,
+    ExecResult,
+    HumanEvalTest,
+    Limits,
+    StdioTests,
+    as_check,
+)
+from pipeline.sandbox.runner import Sandbox, execute, isolation
+
+
+class _WarmPool:
+    """Sandboxes started ahead of their jobs, so that an execution does not wait for an interpreter and its
+    jail: taking one starts its replacement, which sets up while the taken one runs."""
+
+    def __init__(self, size: int, namespaces: bool, limits: Limits, timeout: float, jobs: int):
+        self.args, self.left = (namespaces, limits, timeout), jobs  # never start more than will be used
+        self.lock, self.ready = threading.Lock(), []
+        with self.lock:
+            for _ in range(min(size, jobs)):
+                self._start()
+
+    def _start(self) -> None:
+        if self.left > 0:
+            self.left -= 1
+            self.ready.append(Sandbox(*self.args))
+
+    def run(self, program: str, check: Check) -> ExecResult:
+        with self.lock:
+            sandbox = self.ready.pop(0) if self.ready else None
+            if sandbox is None:
+                self.left -= 1
+            else:
+                self._start()
+        return (sandbox or Sandbox(*self.args)).run(program, check)
+
+    def close(self) -> None:
+        with self.lock:
+            for sandbox in self.ready:
+                sandbox.discard()
+            self.ready = []
+
+
+def run_check(program: str, check, timeout: float = 5.0, limits: Limits | None = None) -> ExecResult:
+    """Load ``program`` in a fresh candidate sandbox and judge it by ``check`` in a separate checker."""
+    return execute(program, as_check(check), timeout, limits or Limits(), isolation().namespaces)
+
+
+def run_tests(
+    program: str, tests: Sequence[str], timeout: float = 5.0, limits: Limits | None = None, setup: str = ""
+) -> ExecResult:
+    """Assert statements, each run on its own in the checker (MBPP, the synthetic task); see `AssertTests`."""
+    return run_check(program, AssertTests(tuple(str(t) for t in tests), setup), timeout, limits)
+
+
+def run_humaneval(program: str, test: str, entry_point: str, prompt: str = "", timeout: float = 5.0,
+                  limits: Limits | None = None) -> ExecResult:  # fmt: skip
+    """HumanEval's verdict: ``check(candidate)`` from ``test`` with the program's ``entry_point``."""
+    return run_check(program, HumanEvalTest(test, entry_point, prompt), timeout, limits)
+
+
+def run_stdio(program: str, inputs: Sequence[str], outputs: Sequence[str], timeout: float = 5.0,
+              limits: Limits | None = None) -> ExecResult:  # fmt: skip
+    """The program on each stdin; its stdout must match the expected output token for token."""
+    return run_check(program, StdioTests(tuple(inputs), tuple(outputs)), timeout, limits)
+
+
+def run_many(
+    jobs: Iterable[tuple[str, object]],
+    timeout: float = 5.0,
+    workers: int | None = None,
+    progress: str | None = None,
+    limits: Limits | None = None,
+) -> list[ExecResult]:
+    """Run ``(program, check)`` jobs on ``workers`` threads (default: CPU count); results in input order.
+
+    ``check``: an `AssertTests`, `HumanEvalTest` or `StdioTests`, or a list of assert statements.
+    ``progress``: a label to show a progress bar with (None: no bar). Every execution ends within its
+    timeout plus teardown, whatever the program does, so one hostile job cannot stall the pool.
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(program, as_check(check)) for program, check in jobs]
+    if not jobs:
+        return []
+    namespaces = isolation().namespaces  # probe once here rather than in racing worker threads
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    results: list[ExecResult | None] = [None] * len(jobs)
+    warm = _WarmPool(workers, namespaces, limits or Limits(), timeout, len(jobs))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
+    try:
+        futures = {pool.submit(warm.run, program, check): i for i, (program, check) in enumerate(jobs)}
+        with tqdm(total=len(jobs), desc=progress, disable=progress is None, unit="run") as bar:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    finally:
+        # On an error or Ctrl-C, queued jobs must not start; running ones end within their timeout.
+        pool.shutdown(wait=True, cancel_futures=True)
+        warm.close()
+    return results  # type: ignore[return-value]
