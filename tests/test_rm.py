@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.configs import DataArguments
 from pipeline.errors import PipelineError
+from pipeline.models import check_reward_model_dir, load_reward_model
 from pipeline.stages import prepare, rm
 
 COMMON = ["--bf16", "false", "--gradient_checkpointing", "false", "--dtype", "float32", "--report_to", "none",
@@ -85,7 +86,7 @@ def test_reward_model_ranks_held_out_pairs(trained, sft_demo_setup):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForSequenceClassification"] and len(config["id2label"]) == 1
     assert config["pad_token_id"] is not None
-    assert rm.check_reward_model_dir(str(out)) == str(out)
+    assert check_reward_model_dir(str(out)) == str(out)
     # independent check from the reloaded folder (batched, padded): the same accuracy as the trainer's eval
     rows = pq.read_table(sft_demo_setup["data"]["pairs_eval"]).to_pylist()
     wins = pair_wins(out, rows)
@@ -102,11 +103,11 @@ def test_check_reward_model_dir_refuses_non_reward_models(tmp_path, tiny_model_d
     with pytest.raises(
         PipelineError, match=r"is a causal LM \(Qwen2ForCausalLM\), not a reward model; train"
     ):
-        rm.check_reward_model_dir(str(tiny_model_dir))
+        check_reward_model_dir(str(tiny_model_dir))
     with pytest.raises(PipelineError, match="reward_model_path: folder not found"):
-        rm.check_reward_model_dir(str(tmp_path / "nothing"))
+        check_reward_model_dir(str(tmp_path / "nothing"))
     with pytest.raises(PipelineError, match="^ref_rm is required"):
-        rm.check_reward_model_dir(None, key="ref_rm")
+        check_reward_model_dir(None, key="ref_rm")
     # a two-label classifier is not a scalar reward
     two = tmp_path / "two"
     shutil.copytree(trained[0], two)
@@ -114,7 +115,7 @@ def test_check_reward_model_dir_refuses_non_reward_models(tmp_path, tiny_model_d
     config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
     (two / "config.json").write_text(json.dumps(config))
     with pytest.raises(PipelineError, match="classifier with 2 labels"):
-        rm.check_reward_model_dir(str(two))
+        check_reward_model_dir(str(two))
 
 
 def test_missing_preference_columns_fail_before_writing(tmp_path, tiny_model_dir, task_data):
@@ -197,7 +198,7 @@ def test_lora_saves_a_seq_cls_adapter(tmp_path, tiny_model_dir, task_data):
     [head] = [
         w for name, w in weights.items() if name.endswith("score.weight")
     ]  # the new head is saved in full
-    assert rm.check_reward_model_dir(str(out)) == str(out)
-    tokenizer, model = rm.load_reward_model(str(out))
+    assert check_reward_model_dir(str(out)) == str(out)
+    tokenizer, model = load_reward_model(str(out))
     assert torch.equal(model.get_submodule("base_model.model.score.modules_to_save.default").weight, head)
     assert model.config.pad_token_id == tokenizer.pad_token_id is not None

@@ -71,8 +71,8 @@ def _write_marker(folder: Path, stage: str) -> None:
     from pipeline import __version__
 
     tmp = folder / f"{OWNER_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"stage": stage, "pipeline": __version__,
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")  # fmt: skip
+    # no timestamp: the same stage with the same arguments writes byte-identical folders (tiny-model's promise)
+    tmp.write_text(json.dumps({"stage": stage, "pipeline": __version__}) + "\n")
     os.replace(tmp, folder / OWNER_FILE)
 
 
