@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,25 +155,6 @@ def remove_stale_temp_files(folder: str | os.PathLike, name_glob: str) -> list[s
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces `path`, on error it is removed.
-
-    Readers never see a half-written output folder, and a failed run leaves nothing behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json_object(path: str | os.PathLike, what: str | None = None) -> dict:

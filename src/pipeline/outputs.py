@@ -161,18 +161,6 @@ def _aside(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.time_ns()}")
 
 
-def remove(folder: str | os.PathLike, stage: str, inputs: Iterable = (), key: str = "output_dir") -> bool:
-    """Delete `stage`'s own output folder (checked as `check_replaceable`); False when it was absent."""
-    folder = Path(folder)
-    check_replaceable(folder, stage, inputs, key)
-    if not folder.exists():
-        return False
-    aside = _aside(folder)
-    os.replace(folder, aside)  # one rename: a crash leaves a hidden folder, never a half-deleted output
-    shutil.rmtree(aside, ignore_errors=True)
-    return True
-
-
 def set_aside(
     folder: str | os.PathLike, stage: str, inputs: Iterable = (), key: str = "output_dir"
 ) -> Path | None:

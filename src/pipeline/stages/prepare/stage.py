@@ -81,10 +81,15 @@ def plan_rows(index, cfg: PrepareConfig) -> tuple[RowPlan, dict[str, int]]:
     return RowPlan(kept, rewards, index.prompt_keys, split_of(index.prompt_keys, cfg.eval_fraction)), drops
 
 
+def shard_prefixes(num_proc: int) -> list[str]:
+    """Per-process shard name prefixes, zero-padded so that the shards sort in row order."""
+    return [f"w{k:03d}-" if num_proc > 1 else "" for k in range(num_proc)]
+
+
 def write_all_views(cfg, views, tmp: Path, pool, num_proc: int, units, plan: RowPlan, rows_in: int):
     """Pass 2 in `num_proc` processes: the rl/sft views and the pairs whose two rows one batch holds.
     Returns (rows written per view and split, rows too long, the pairs still to write as (good, bad))."""
-    prefixes = [f"w{k:03d}-" if num_proc > 1 else "" for k in range(num_proc)]  # sort in row order
+    prefixes = shard_prefixes(num_proc)
     # pairs whose rows are far apart are read back from the rl view's cleaned rows in pass 3: written aside
     # when not asked for
     written = sorted(views | ({"rl"} if "pairs" in views else set()))
@@ -116,7 +121,7 @@ def write_late_pairs(cfg, tmp: Path, pool, num_proc: int, plan: RowPlan, good, b
     """Pass 3, as a join that reads the rl shards once: (a) each process streams its share of the rl row
     groups and appends every paired row to its pair's bucket file, (b) each bucket of PAIRS_PER_BUCKET pairs
     is assembled from its files and written. Returns the pairs written per split."""
-    prefixes = [f"w{k:03d}-" if num_proc > 1 else "" for k in range(num_proc)]
+    prefixes = shard_prefixes(num_proc)
     work = tmp / ".pairs-work"
     work.mkdir()
     scatter_jobs, gather_jobs = [], []
