@@ -4,6 +4,7 @@ models for scoring."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pipeline.data import read_json_object
@@ -100,3 +101,55 @@ def load_for_generation(model_dir: str, key: str = "--model", **kwargs):
         raise PipelineError(f"{key}: '{model_dir}' holds neither config.json nor adapter_config.json")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return tokenizer, model.eval()
+
+
+def _part_of(name: str) -> str:
+    """Which part of a decoder a parameter belongs to, from its name (llama, qwen, gpt-neox, gpt2, olmo...)."""
+    low = name.lower()
+    if "lm_head" in low or "embed_out" in low:
+        return "lm_head"
+    if "score" in low.split(".")[0]:
+        return "score_head"
+    if "embed" in low or "wte" in low or "wpe" in low:
+        return "embedding"
+    if "norm" in low or ".ln" in low:
+        return "norms"
+    if "attn" in low or "attention" in low:
+        return "attention"
+    if "mlp" in low or "feed_forward" in low or "experts" in low:
+        return "mlp"
+    return "other"
+
+
+@functools.lru_cache(maxsize=32)
+def _count_parameters_cached(folder: str, _stamp: tuple[int, int], classifier: bool) -> dict[str, int] | None:
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(folder)
+        if classifier:
+            config.num_labels = 1
+        with torch.device("meta"):  # no memory is allocated, and no weights are read
+            auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+            model = auto.from_config(config)
+    except Exception:  # a config transformers cannot build: the caller falls back to its formulas
+        return None
+    counts = dict.fromkeys(("embedding", "attention", "mlp", "norms", "lm_head", "score_head", "other"), 0)
+    for name, parameter in model.named_parameters():  # tied parameters are listed once
+        counts[_part_of(name)] += parameter.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def count_parameters(folder: str | Path, classifier: bool = False) -> dict[str, int] | None:
+    """The exact parameter count of the model a config.json describes, by part (embedding, attention, mlp,
+    norms, lm_head, score_head, other, total): the model is built on the meta device, so even a 70B config
+    costs seconds and no memory. `classifier`: the 1-label sequence classifier (a reward model or critic).
+    None when transformers cannot build the config. Cached per folder and config.json version."""
+    config = Path(folder) / "config.json"
+    try:
+        stat = config.stat()
+    except OSError:
+        return None
+    return _count_parameters_cached(str(Path(folder).resolve()), (stat.st_mtime_ns, stat.st_size), classifier)

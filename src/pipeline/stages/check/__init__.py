@@ -18,7 +18,10 @@ load_in_8bit, use_bnb_nested_quant, beta, ref_model_name_or_path, ref_logps_dir,
 reward_funcs, reward_model_path, value_model_path, num_mini_batches, steps_per_generation, use_vllm,
 deepspeed (a DeepSpeed JSON: ZeRO stage and offload) and fsdp. Flags override them.
 
-Parameter count (exact; checked against the instantiated models in the tests). H hidden size, L layers,
+Parameter count: exact, from `pipeline.models.count_parameters` (the model built on the meta device: no
+memory, no weights read). The per-linear structure LoRA and quantization need comes from these formulas,
+which the tests check against the built models, and which stand alone where transformers cannot build the
+config. H hidden size, L layers,
 V vocabulary, I intermediate size, a query heads, k key/value heads, d head dim (head_dim or H/a):
     embedding   V·H
     attention   per layer H·a·d (q) + 2·H·k·d (k, v: grouped-query attention) + a·d·H (o)
@@ -27,7 +30,6 @@ V vocabulary, I intermediate size, a query heads, k key/value heads, d head dim 
     mlp         per layer 3·H·I (gate, up, down; GPT-NeoX: 2·H·I + biases I + H)
     norms       per layer 2·H (RMSNorm; LayerNorm with bias 4·H) + H for the final norm (2·H LayerNorm)
     lm_head     V·H, or 0 when tie_word_embeddings; a reward model / critic has a score head H instead
-Other model types are counted by instantiating the config on the meta device (no memory, still exact).
 LoRA adds r·(in + out) per targeted linear per layer ("all-linear": every linear of the decoder layers;
 unset: PEFT's default targets for the model type).
 

@@ -90,113 +90,160 @@ def _frozen_bytes(counts: Counts, plan: Plan, m: int, w: int) -> float:
     return (counts.linear_weights + rest) * (m if plan.engine == "deepspeed" else w)
 
 
+@dataclass
+class _Trained:
+    """The trained modules (the policy or reward model, plus ppo's critic) and what they weigh."""
+
+    policy: Counts
+    modules: list[tuple[ModelShape, Counts]]
+    lora_by_module: list[list[Linear]]
+    trained: float  # parameters that get gradients
+    frozen_bytes: float  # the frozen LoRA bases, before sharding
+    models_total: int
+
+
+def _trained_modules(shape: ModelShape, plan: Plan, critic: ModelShape | None, m: int, w: int) -> _Trained:
+    policy = count_params(shape, classifier=plan.stage == "rm")
+    modules = [(shape, policy)]
+    if plan.stage == "ppo" and not plan.policy_only:
+        modules.append((critic or shape, count_params(critic or shape, classifier=True)))
+    out = _Trained(policy, modules, [], 0.0, 0.0, 0)
+    for mod_shape, counts in modules:
+        targets = lora_targets(mod_shape, plan.lora_target_modules) if plan.use_peft else []
+        out.lora_by_module.append(targets)
+        out.models_total += counts.total
+        if plan.use_peft:
+            adapters = lora_params(mod_shape, plan.lora_r, targets)
+            out.models_total += adapters
+            out.trained += adapters + counts.score_head  # the score head is trained in full (modules_to_save)
+            out.frozen_bytes += _frozen_bytes(counts, plan, m, w)
+        else:
+            out.trained += counts.total
+    return out
+
+
+def _bytes_per_trained_param(plan: Plan, mp: bool, m: int, w: int, notes: list[str]) -> tuple[int, int, int]:
+    """Bytes per trained parameter: weights, gradients, optimizer (fp32 master + AdamW m, v)."""
+    moments = 2 if "8bit" in plan.optim else 8
+    if plan.engine == "deepspeed":
+        return m, m, (4 if mp else 0) + moments
+    if plan.engine == "fsdp":
+        return 4, 4, moments
+    tw = 4 if plan.use_peft else w
+    if tw == 2 and mp:
+        notes.append(
+            "weights loaded in 16 bits train in pure 16-bit without DeepSpeed/FSDP (AdamW moments in 16 "
+            "bits, no fp32 master copy); dtype: float32 gives mixed precision at 16 bytes per parameter"
+        )
+    return tw, tw, moments if tw == 4 else (2 if "8bit" in plan.optim else 2 * tw)
+
+
+class _Items:
+    """The lines of the estimate, on the device or (offloaded) on the host."""
+
+    def __init__(self) -> None:
+        self.device: list[Item] = []
+        self.host: list[Item] = []
+
+    def add(self, name: str, value: float, formula: str, on_host: bool = False) -> None:
+        (self.host if on_host else self.device).append(Item(name, int(round(value)), formula))
+
+
+def _per(shard: int) -> str:
+    return f" / {shard}" if shard > 1 else ""
+
+
 def estimate(shape: ModelShape, plan: Plan, critic: ModelShape | None = None,
              reward: ModelShape | None = None) -> Estimate:  # fmt: skip
     """Bytes per device for `plan` (see the module docstring for every formula)."""
-    n = plan.num_gpus
     w = DTYPE_BYTES[plan.dtype]
     mp = plan.mixed_precision != "no"
     m = 2 if mp else w  # 16-bit copies under mixed precision
     e = 2 if (mp or w == 2) else 4
+    notes: list[str] = []
+    model = _trained_modules(shape, plan, critic, m, w)
+    items = _Items()
+    _add_persistent(items, shape, plan, model, _bytes_per_trained_param(plan, mp, m, w, notes), m, w, reward)
+    persistent = sum(i.bytes for i in items.device)
+    step = _add_step(items, plan, model, e, shape.vocab)
+    generation = 0
+    if plan.generation_batch and not plan.policy_only:
+        kv = shape.kv_heads * shape.head_dim
+        length = plan.prompt_len + plan.completion_len
+        generation = 2 * shape.layers * kv * e * plan.generation_batch * length
+        items.add("generation KV cache", generation,
+                  f"2·L·{kv}·{e} B × {plan.generation_batch} sequences × {length} tokens (not during backward)")  # fmt: skip
+    policy = model.policy
+    params = {
+        "embedding": policy.embedding, "attention": policy.attention, "mlp": policy.mlp, "norms": policy.norms,
+        "lm_head": policy.lm_head, "score_head": policy.score_head, "total": policy.total,
+        "trained": int(model.trained), "models_total": int(model.models_total),
+    }  # fmt: skip
+    return Estimate(
+        items=items.device, host_bytes=sum(i.bytes for i in items.host), host_items=items.host,
+        persistent_bytes=persistent, step_bytes=step, generation_bytes=generation, params=params, notes=notes,
+    )  # fmt: skip
+
+
+def _add_persistent(items: _Items, shape: ModelShape, plan: Plan, model: _Trained, per_param: tuple[int, int, int],
+                    m: int, w: int, reward: ModelShape | None) -> None:  # fmt: skip
+    """What stays on the device for the whole run: weights, gradients, optimizer states, buffers, the frozen
+    models beside the trained one."""
+    n = plan.num_gpus
     z = plan.zero if plan.engine == "deepspeed" else None
     sharded_params = z == 3 or plan.engine == "fsdp"
     shard_w = n if sharded_params else 1
     shard_g = n if ((z is not None and z >= 2) or plan.engine == "fsdp") else 1
     shard_o = n if ((z is not None and z >= 1) or plan.engine == "fsdp") else 1
-    notes: list[str] = []
-
-    # the trained module: the policy (a sequence classifier for rm), plus the critic for ppo
-    policy = count_params(shape, classifier=plan.stage == "rm")
-    modules = [(shape, policy)]
-    if plan.stage == "ppo" and not plan.policy_only:
-        modules.append((critic or shape, count_params(critic or shape, classifier=True)))
-    trained = frozen_bytes = 0.0
-    models_total = 0
-    lora_by_module = []
-    for mod_shape, counts in modules:
-        targets = lora_targets(mod_shape, plan.lora_target_modules) if plan.use_peft else []
-        lora_by_module.append(targets)
-        models_total += counts.total
-        if plan.use_peft:
-            adapters = lora_params(mod_shape, plan.lora_r, targets)
-            models_total += adapters
-            trained += adapters + counts.score_head  # the score head is trained in full (modules_to_save)
-            frozen_bytes += _frozen_bytes(counts, plan, m, w)
-        else:
-            trained += counts.total
-
-    # bytes per trained parameter: weights tw, gradients tg, optimizer to (fp32 master + AdamW m, v)
-    moments = 2 if "8bit" in plan.optim else 8
-    if plan.engine == "deepspeed":
-        tw, tg, to = m, m, (4 if mp else 0) + moments
-    elif plan.engine == "fsdp":
-        tw, tg, to = 4, 4, moments
-    else:
-        tw = tg = 4 if plan.use_peft else w
-        to = moments if tw == 4 else (2 if "8bit" in plan.optim else 2 * tw)
-        if tw == 2 and mp:
-            notes.append(
-                "weights loaded in 16 bits train in pure 16-bit without DeepSpeed/FSDP (AdamW moments in 16 "
-                "bits, no fp32 master copy); dtype: float32 gives mixed precision at 16 bytes per parameter"
-            )
-    items: list[Item] = []
-    host: list[Item] = []
-
-    def add(name: str, value: float, formula: str, on_host: bool = False) -> None:
-        (host if on_host else items).append(Item(name, int(round(value)), formula))
-
-    def per(shard: int) -> str:
-        return f" / {shard}" if shard > 1 else ""
-
+    tw, tg, to = per_param
+    trained, policy = model.trained, model.policy
     n_trained = f"{trained / 1e6:,.2f}M trained"
     params_on_host = plan.offload and sharded_params
     grads_on_host = plan.offload and (plan.engine == "fsdp" or (z or 0) >= 2)
     if plan.use_peft:
-        add("frozen base weights", frozen_bytes / shard_w, _frozen_formula(plan, m, w) + per(shard_w),
-            on_host=params_on_host)  # fmt: skip
-    add(
-        "trained weights",
-        trained * tw / shard_w,
-        f"{tw} B × {n_trained}{per(shard_w)}",
-        on_host=params_on_host,
+        items.add("frozen base weights", model.frozen_bytes / shard_w, _frozen_formula(plan, m, w) + _per(shard_w),
+                  on_host=params_on_host)  # fmt: skip
+    items.add("trained weights", trained * tw / shard_w, f"{tw} B × {n_trained}{_per(shard_w)}",
+              on_host=params_on_host)  # fmt: skip
+    items.add(
+        "gradients", trained * tg / shard_g, f"{tg} B × {n_trained}{_per(shard_g)}", on_host=grads_on_host
     )
-    add("gradients", trained * tg / shard_g, f"{tg} B × {n_trained}{per(shard_g)}", on_host=grads_on_host)
-    master = "4 master + " if plan.engine == "deepspeed" and mp else ""
-    add("optimizer states", trained * to / shard_o,
-        f"({master}{to - (4 if master else 0)} AdamW m, v) B × {n_trained}{per(shard_o)}",
-        on_host=plan.offload)  # fmt: skip
+    master = "4 master + " if plan.engine == "deepspeed" and plan.mixed_precision != "no" else ""
+    items.add("optimizer states", trained * to / shard_o,
+              f"({master}{to - (4 if master else 0)} AdamW m, v) B × {n_trained}{_per(shard_o)}",
+              on_host=plan.offload)  # fmt: skip
     if plan.offload and plan.engine == "deepspeed":
-        add("fp32 gradient partitions", trained * 4 / n, f"4 B × {n_trained}{per(n)}", on_host=True)
+        items.add("fp32 gradient partitions", trained * 4 / n, f"4 B × {n_trained}{_per(n)}", on_host=True)
     if plan.engine == "ddp":
-        add("DDP gradient buckets", trained * tg, f"{tg} B × {n_trained}")
+        items.add("DDP gradient buckets", trained * tg, f"{tg} B × {n_trained}")
     elif plan.engine == "deepspeed":
         buckets = (2 + (0.9 if z == 3 else 0)) * shape.hidden**2 * m
-        add("DeepSpeed buckets", buckets, f"{'2.9' if z == 3 else '2'} × H² × {m} B")
+        items.add("DeepSpeed buckets", buckets, f"{'2.9' if z == 3 else '2'} × H² × {m} B")
     elif plan.engine == "fsdp":
-        add("FSDP reduce-scatter buffer", policy.per_layer * 4, "4 B × one decoder layer's parameters")
+        items.add("FSDP reduce-scatter buffer", policy.per_layer * 4, "4 B × one decoder layer's parameters")
     if sharded_params:
         gathered = m * (policy.embedding + policy.lm_head + 2 * policy.per_layer)
-        add("gathered 16-bit working set", gathered, f"{m} B × (embedding + lm_head + 2 decoder layers)")
+        items.add(
+            "gathered 16-bit working set", gathered, f"{m} B × (embedding + lm_head + 2 decoder layers)"
+        )
 
     # frozen models beside the trained one (TRL shards them with ZeRO-3/FSDP; our ppo keeps them whole)
     side_shard = shard_w if plan.stage != "ppo" else 1
     if plan.reference == "copy" and not plan.policy_only:
         ref = count_params(shape)
-        add("reference model", _frozen_bytes(ref, plan, m, w) / side_shard,
-            f"frozen copy of {ref.total / 1e6:,.2f}M parameters{per(side_shard)}")  # fmt: skip
+        items.add("reference model", _frozen_bytes(ref, plan, m, w) / side_shard,
+                  f"frozen copy of {ref.total / 1e6:,.2f}M parameters{_per(side_shard)}")  # fmt: skip
     if plan.reward_model and not plan.policy_only:
         rm = count_params(reward or shape, classifier=True)
-        add(
-            "reward model",
-            rm.total * w / side_shard,
-            f"{w} B × {rm.total / 1e6:,.2f}M parameters{per(side_shard)}",
-        )
-    persistent = sum(i.bytes for i in items)
+        items.add("reward model", rm.total * w / side_shard,
+                  f"{w} B × {rm.total / 1e6:,.2f}M parameters{_per(side_shard)}")  # fmt: skip
 
-    # one micro-batch: activations kept for backward, and the logits
+
+def _add_step(items: _Items, plan: Plan, model: _Trained, e: int, vocab: int) -> int:
+    """One micro-batch: the activations kept for backward and the logits. Returns their bytes."""
     tokens = plan.train_sequences * plan.seq_len
     step = 0
-    for index, ((mod_shape, _), targets) in enumerate(zip(modules, lora_by_module, strict=True)):
+    for index, ((mod_shape, _), targets) in enumerate(zip(model.modules, model.lora_by_module, strict=True)):
         lora = targets if plan.use_peft else None
         a = activation_bytes_per_token_layer(mod_shape, e, lora, plan.lora_r, plan.lora_dropout)
         outside = norm_bytes_per_token(mod_shape, e, frozen=plan.use_peft) + 8  # final norm, int64 token ids
@@ -206,28 +253,12 @@ def estimate(shape: ModelShape, plan: Plan, critic: ModelShape | None = None,
         else:
             act = tokens * (mod_shape.layers * a + outside)
             formula = f"{tokens:,} tokens × (L·A + {outside:,}), A = {a:,} B"
-        add("activations" if index == 0 else "critic activations", act, formula)
+        items.add("activations" if index == 0 else "critic activations", act, formula)
         step += int(act)
-    logit_bytes = plan.logit_tokens * shape.vocab * (e + 8)
+    logit_bytes = plan.logit_tokens * vocab * (e + 8)
     if logit_bytes:
-        add("logits", logit_bytes, f"{plan.logit_tokens:,} tokens × V × ({e} + 4 + 4) B")
-    step += logit_bytes
-    generation = 0
-    if plan.generation_batch and not plan.policy_only:
-        kv = shape.kv_heads * shape.head_dim
-        length = plan.prompt_len + plan.completion_len
-        generation = 2 * shape.layers * kv * e * plan.generation_batch * length
-        add("generation KV cache", generation,
-            f"2·L·{kv}·{e} B × {plan.generation_batch} sequences × {length} tokens (not during backward)")  # fmt: skip
-    params = {
-        "embedding": policy.embedding, "attention": policy.attention, "mlp": policy.mlp, "norms": policy.norms,
-        "lm_head": policy.lm_head, "score_head": policy.score_head, "total": policy.total,
-        "trained": int(trained), "models_total": int(models_total),
-    }  # fmt: skip
-    return Estimate(
-        items=items, host_bytes=sum(i.bytes for i in host), host_items=host, persistent_bytes=persistent,
-        step_bytes=step, generation_bytes=generation, params=params, notes=notes,
-    )  # fmt: skip
+        items.add("logits", logit_bytes, f"{plan.logit_tokens:,} tokens × V × ({e} + 4 + 4) B")
+    return step + logit_bytes
 
 
 def _frozen_formula(plan: Plan, m: int, w: int) -> str:

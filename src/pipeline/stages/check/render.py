@@ -15,7 +15,11 @@ def render(result: dict, shape: ModelShape, plan: Plan, est: Estimate) -> str:
     p = est.params
     lines = [f"pipeline check: {result['recipe']} (stage {plan.stage}, {result['stage_from']})"]
     tied = "tied to the embedding" if shape.tied else f"{p['lm_head']:,}"
-    how = " (counted on the meta device)" if shape.counted_on_meta else ""
+    how = (
+        " (counted on the meta device)"
+        if shape.counted_on_meta
+        else " (from the formulas: transformers cannot build this config)"
+    )
     lines += [
         f"model     {shape.path} ({shape.model_type}): {p['total']:,} parameters{how}",
         f"          embedding {p['embedding']:,} | attention {p['attention']:,} | mlp {p['mlp']:,} | "

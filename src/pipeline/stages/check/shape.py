@@ -1,4 +1,6 @@
-"""A model's shape read from its config.json, and its exact parameter counts (formulas, or the meta device)."""
+"""A model's shape read from its config.json, and its exact parameter counts: the totals from
+`pipeline.models.count_parameters` (the model built on the meta device), the per-linear structure that LoRA
+and quantization need from formulas (used alone only where transformers cannot build the config)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 
 from pipeline.data import read_json_object
 from pipeline.errors import PipelineError
+from pipeline.models import count_parameters
 
 GiB = 1024**3
 
@@ -162,30 +165,10 @@ def read_model_shape(path: str, key: str = "model_name_or_path") -> ModelShape:
         layer_norm_params=norms, final_norm_params=final, layernorm=layernorm, gated_mlp=gated,
         dtype=_get(raw, "dtype", "torch_dtype"),
     )  # fmt: skip
-    if model_type not in LLAMA_LIKE + ("gpt_neox",):
-        shape.meta_counts = _count_on_meta(folder)
-        shape.counted_on_meta = shape.meta_counts is not None
+    # the exact count (meta device) for the totals; the formulas above give the per-linear structure
+    shape.meta_counts = count_parameters(folder)
+    shape.counted_on_meta = shape.meta_counts is not None
     return shape
-
-
-def _count_on_meta(folder: Path) -> dict[str, int] | None:
-    """Exact counts of a model type the formulas do not cover: instantiate it on the meta device."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
-    except Exception:
-        return None
-    out = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0, "other": 0}
-    for name, p in model.named_parameters():  # shared (tied) parameters are listed once
-        low = name.lower()
-        part = ("lm_head" if "lm_head" in low or "embed_out" in low else "embedding" if "embed" in low or "wte" in low
-                else "norms" if "norm" in low or ".ln" in low else "attention" if "attn" in low or "attention" in low
-                else "mlp" if "mlp" in low or "feed_forward" in low or "experts" in low else "other")  # fmt: skip
-        out[part] += p.numel()
-    return out
 
 
 def count_params(shape: ModelShape, classifier: bool = False) -> Counts:
@@ -207,7 +190,8 @@ def count_params(shape: ModelShape, classifier: bool = False) -> Counts:
         m = shape.meta_counts
         counts = replace(counts, embedding=m["embedding"], attention=m["attention"] + m["other"], mlp=m["mlp"],
                          norms=m["norms"], lm_head=m["lm_head"])  # fmt: skip
-        counts.per_layer = (counts.attention + counts.mlp + counts.norms) // max(shape.layers, 1)
+        decoder = counts.attention + counts.mlp + counts.norms - shape.final_norm_params
+        counts.per_layer = decoder // max(shape.layers, 1)
     if classifier:
         counts = replace(counts, lm_head=0, score_head=shape.hidden)
     return counts
