@@ -205,11 +205,8 @@ def visible_gpus() -> list[dict[str, Any]]:
     return gpus
 
 
-def build_plan(args: argparse.Namespace, recipe: dict, gpus: list[dict], config_dtype: str | None = None
-               ) -> tuple[Plan, str]:  # fmt: skip
-    stage, how = (args.stage, "from --stage") if args.stage else infer_stage(args.config, recipe)
-    defaults = STAGE_DEFAULTS[stage]
-    notes: list[str] = []
+def _picker(recipe: dict, defaults: dict):
+    """A value: the command-line flag, else the recipe, else the stage's default."""
 
     def pick(key: str, flag: Any = None, default: Any = None) -> Any:
         if flag is not None:
@@ -218,6 +215,11 @@ def build_plan(args: argparse.Namespace, recipe: dict, gpus: list[dict], config_
             return recipe[key]
         return defaults.get(key, default)
 
+    return pick
+
+
+def _engine(args: argparse.Namespace, recipe: dict, gpus: list[dict]) -> tuple[str, int | None, bool, int]:
+    """(engine, ZeRO stage, offload, processes) from the flags, the accelerate config or the recipe."""
     acc = _accelerate_choice(args.accelerate_config) if args.accelerate_config else {}
     zero, offload, fsdp = args.zero, args.offload, args.fsdp
     if zero is None and not fsdp:
@@ -239,9 +241,11 @@ def build_plan(args: argparse.Namespace, recipe: dict, gpus: list[dict], config_
     engine = "fsdp" if fsdp else "deepspeed" if zero is not None else "ddp" if num_gpus > 1 else "single"
     if offload and engine not in ("fsdp", "deepspeed") or (offload and zero == 0):
         raise PipelineError("--offload needs --zero 1|2|3 or --fsdp (ZeRO-Offload / FSDP CPU offload)")
-    if stage == "ppo" and (zero == 3 or fsdp):
-        notes.append("pipeline ppo refuses ZeRO-3 and FSDP (generation needs whole weights): use --zero 2")
+    return engine, zero, bool(offload), num_gpus
 
+
+def _precision(pick, gpus: list[dict], config_dtype: str | None, notes: list[str]) -> tuple[str, str]:
+    """(mixed precision, dtype the weights load in)."""
     bf16 = as_bool("bf16", pick("bf16"))
     fp16 = as_bool("fp16", pick("fp16", default=False))
     if fp16:
@@ -263,7 +267,54 @@ def build_plan(args: argparse.Namespace, recipe: dict, gpus: list[dict], config_
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
     if dtype not in DTYPE_BYTES:
         raise PipelineError(f"'dtype' must be float32, bfloat16, float16 or auto, got {dtype!r}")
+    return mixed, dtype
 
+
+def _lengths(stage: str, args: argparse.Namespace, recipe: dict, pick, micro: int, accum: int,
+             notes: list[str]) -> tuple[int, int, int, int]:  # fmt: skip
+    """(sequence, prompt, completion lengths, sequences generated at once) for the stage."""
+    if stage in ("grpo", "rloo"):
+        completion_len = _as_int("max_completion_length", pick("max_completion_length", args.max_length))
+        given = recipe.get("max_prompt_length") if args.prompt_length is None else args.prompt_length
+        prompt_len = _as_int("max_prompt_length", given if given is not None else DEFAULT_PROMPT_LENGTH)
+        if given is None:
+            notes.append(f"prompt length not in the recipe: assumed {prompt_len} tokens (--prompt_length)")
+        generation_batch = 0
+        if not as_bool("use_vllm", recipe.get("use_vllm")):
+            steps = _as_int("steps_per_generation", recipe.get("steps_per_generation")) or accum
+            generation_batch = micro * steps
+        return prompt_len + completion_len, prompt_len, completion_len, generation_batch
+    if stage == "ppo":
+        prompt_len = _as_int("max_prompt_length", args.prompt_length or pick("max_prompt_length"))
+        completion_len = _as_int("max_new_tokens", pick("max_new_tokens", args.max_length))
+        generation_batch = micro * accum * (_as_int("num_mini_batches", recipe.get("num_mini_batches")) or 1)
+        return prompt_len + completion_len, prompt_len, completion_len, generation_batch
+    return _as_int("max_length", pick("max_length", args.max_length)), 0, 0, 0
+
+
+def _reference(stage: str, recipe: dict, pick, use_peft: bool) -> str:
+    """What the stage compares the policy with: a frozen copy, the LoRA base, stored logps, or nothing."""
+    if stage == "dpo":
+        if recipe.get("ref_logps_dir") or as_bool(
+            "precompute_ref_log_probs", recipe.get("precompute_ref_log_probs")
+        ):
+            return "stored logps"
+        return "lora base" if use_peft and not recipe.get("ref_model_name_or_path") else "copy"
+    if stage in ("grpo", "rloo", "ppo"):
+        beta = float(pick("beta", default=0.0)) if stage != "ppo" else 1.0
+        return "none" if beta == 0 else "lora base" if use_peft else "copy"
+    return "stored logps" if stage == "ips" else "none"
+
+
+def build_plan(args: argparse.Namespace, recipe: dict, gpus: list[dict], config_dtype: str | None = None
+               ) -> tuple[Plan, str]:  # fmt: skip
+    stage, how = (args.stage, "from --stage") if args.stage else infer_stage(args.config, recipe)
+    pick = _picker(recipe, STAGE_DEFAULTS[stage])
+    notes: list[str] = []
+    engine, zero, offload, num_gpus = _engine(args, recipe, gpus)
+    if stage == "ppo" and (zero == 3 or engine == "fsdp"):
+        notes.append("pipeline ppo refuses ZeRO-3 and FSDP (generation needs whole weights): use --zero 2")
+    mixed, dtype = _precision(pick, gpus, config_dtype, notes)
     micro = _as_int(
         "per_device_train_batch_size",
         pick("per_device_train_batch_size", args.per_device_train_batch_size, 8),
@@ -272,61 +323,27 @@ def build_plan(args: argparse.Namespace, recipe: dict, gpus: list[dict], config_
     if micro < 1 or accum < 1:
         raise PipelineError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1")
     gc = as_bool("gradient_checkpointing", pick("gradient_checkpointing", args.gradient_checkpointing))
-    prompt_len = completion_len = 0
-    generation_batch = 0
-    if stage in ("grpo", "rloo"):
-        completion_len = _as_int("max_completion_length", pick("max_completion_length", args.max_length))
-        given = recipe.get("max_prompt_length") if args.prompt_length is None else args.prompt_length
-        prompt_len = _as_int("max_prompt_length", given if given is not None else DEFAULT_PROMPT_LENGTH)
-        if given is None:
-            notes.append(f"prompt length not in the recipe: assumed {prompt_len} tokens (--prompt_length)")
-        seq_len = prompt_len + completion_len
-        if not as_bool("use_vllm", recipe.get("use_vllm")):
-            steps = _as_int("steps_per_generation", recipe.get("steps_per_generation")) or accum
-            generation_batch = micro * steps
-    elif stage == "ppo":
-        prompt_len = _as_int("max_prompt_length", args.prompt_length or pick("max_prompt_length"))
-        completion_len = _as_int("max_new_tokens", pick("max_new_tokens", args.max_length))
-        seq_len = prompt_len + completion_len
-        generation_batch = micro * accum * (_as_int("num_mini_batches", recipe.get("num_mini_batches")) or 1)
-    else:
-        seq_len = _as_int("max_length", pick("max_length", args.max_length))
+    seq_len, prompt_len, completion_len, generation_batch = _lengths(
+        stage, args, recipe, pick, micro, accum, notes
+    )
     use_peft = bool(as_bool("use_peft", recipe.get("use_peft")))
     load_4 = bool(as_bool("load_in_4bit", recipe.get("load_in_4bit")))
     load_8 = bool(as_bool("load_in_8bit", recipe.get("load_in_8bit")))
     if (load_4 or load_8) and not use_peft:
         notes.append("load_in_4bit/load_in_8bit train through LoRA (use_peft: true); without it this counts "
                      f"plain full training in {dtype}")  # fmt: skip
-
-    reference = "none"
-    if stage == "dpo":
-        if recipe.get("ref_logps_dir") or as_bool(
-            "precompute_ref_log_probs", recipe.get("precompute_ref_log_probs")
-        ):
-            reference = "stored logps"
-        elif use_peft and not recipe.get("ref_model_name_or_path"):
-            reference = "lora base"
-        else:
-            reference = "copy"
-    elif stage in ("grpo", "rloo", "ppo"):
-        beta = float(pick("beta", default=0.0)) if stage != "ppo" else 1.0
-        reference = "none" if beta == 0 else "lora base" if use_peft else "copy"
-    elif stage == "ips":
-        reference = "stored logps"
     funcs = recipe.get("reward_funcs", "")
     funcs = funcs if isinstance(funcs, list) else str(funcs).split(",")
     reward_model = stage in ("grpo", "rloo", "ppo") and "reward_model" in [str(f).strip() for f in funcs]
-
-    lora_dropout = float(recipe.get("lora_dropout", 0.05) or 0.0)
     plan = Plan(
-        stage=stage, num_gpus=num_gpus, engine=engine, zero=zero, offload=bool(offload), micro_batch=micro,
+        stage=stage, num_gpus=num_gpus, engine=engine, zero=zero, offload=offload, micro_batch=micro,
         grad_accum=accum, seq_len=seq_len, prompt_len=prompt_len, completion_len=completion_len,
         gradient_checkpointing=bool(gc), mixed_precision=mixed, dtype=dtype,
         optim=str(recipe.get("optim", "adamw_torch")), use_peft=use_peft,
         lora_r=_as_int("lora_r", recipe.get("lora_r", 16)), lora_target_modules=recipe.get("lora_target_modules"),
-        lora_dropout=lora_dropout, load_in_4bit=load_4, load_in_8bit=load_8,
+        lora_dropout=float(recipe.get("lora_dropout", 0.05) or 0.0), load_in_4bit=load_4, load_in_8bit=load_8,
         nested_quant=bool(as_bool("use_bnb_nested_quant", recipe.get("use_bnb_nested_quant"))),
-        reference=reference, reward_model_path=recipe.get("reward_model_path"),
+        reference=_reference(stage, recipe, pick, use_peft), reward_model_path=recipe.get("reward_model_path"),
         value_model_path=recipe.get("value_model_path"), reward_model=reward_model,
         generation_batch=generation_batch, notes=notes,
     )  # fmt: skip

@@ -12,8 +12,16 @@ def gib(value: float) -> str:
 
 
 def render(result: dict, shape: ModelShape, plan: Plan, est: Estimate) -> str:
-    p = est.params
     lines = [f"pipeline check: {result['recipe']} (stage {plan.stage}, {result['stage_from']})"]
+    lines += _model_and_setup(shape, plan, est)
+    lines += _memory_table(est)
+    lines += _verdict(result, est)
+    return "\n".join(lines)
+
+
+def _model_and_setup(shape: ModelShape, plan: Plan, est: Estimate) -> list[str]:
+    p = est.params
+    lines = []
     tied = "tied to the embedding" if shape.tied else f"{p['lm_head']:,}"
     how = (
         " (counted on the meta device)"
@@ -50,6 +58,11 @@ def render(result: dict, shape: ModelShape, plan: Plan, est: Estimate) -> str:
         f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
         "",
     ]  # fmt: skip
+    return lines
+
+
+def _memory_table(est: Estimate) -> list[str]:
+    lines = []
     unit, scale = ("GiB", GiB) if max(est.total, est.host_bytes) >= GiB else ("MiB", 1024**2)
 
     def size(value: float) -> str:
@@ -65,6 +78,12 @@ def render(result: dict, shape: ModelShape, plan: Plan, est: Estimate) -> str:
     if est.host_items:
         lines.append(f"  {'host memory per process':<36}{size(est.host_bytes):>9}")
     lines.append("")
+    return lines
+
+
+def _verdict(result: dict, est: Estimate) -> list[str]:
+    """Fits or not on each GPU, the probe's measurement, the recommended batch or what would fit."""
+    lines = []
     if not result["gpu_visible"]:
         lines.append("no GPU visible (torch.cuda.is_available() is False): estimate only, no probe step")
     for g in result["gpus"]:
@@ -100,4 +119,4 @@ def render(result: dict, shape: ModelShape, plan: Plan, est: Estimate) -> str:
         lines += [f"  {a}" for a in result["alternatives"]]
     for note in result["notes"]:
         lines.append(f"note: {note}")
-    return "\n".join(lines)
+    return lines
