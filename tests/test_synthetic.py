@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.sandbox import run_many, run_tests, strip_code_fence
+from pipeline.stages import synthetic_data
 from pipeline.tasks import synthetic
 from pipeline.tasks.synthetic import (
     TEMPLATE_NAMES,
@@ -247,7 +248,9 @@ def test_parquet_loads_with_datasets(exported, tmp_path):
 
 def test_cli(tmp_path, capsys):
     assert (
-        synthetic.main(["--output_dir", str(tmp_path), "--num_problems", "6", "--responses_per_problem", "1"])
+        synthetic_data.main(
+            ["--output_dir", str(tmp_path), "--num_problems", "6", "--responses_per_problem", "1"]
+        )
         == 0
     )
     printed = capsys.readouterr().out
@@ -259,15 +262,15 @@ def test_cli(tmp_path, capsys):
         == 6
     )
     with pytest.raises(SystemExit) as exc:
-        synthetic.main(["--help"])
+        synthetic_data.main(["--help"])
     assert exc.value.code == 0
     assert "synthetic-data" in capsys.readouterr().out
     # other-constant pairs go to pairs_train only; the eval pairs stay the task's own
     more = tmp_path / "more"
-    synthetic.main(["--output_dir", str(more), "--num_problems", "10", "--responses_per_problem", "1",
+    synthetic_data.main(["--output_dir", str(more), "--num_problems", "10", "--responses_per_problem", "1",
                     "--eval_fraction", "0.2", "--constant_negatives", "2", "--seed", "1"])  # fmt: skip
     train, held = synthetic.split_problems(generate_problems(10, seed=1), 0.2, seed=1)
     assert pq.read_table(more / "pairs_train.parquet").to_pylist() == preference_rows(train, 2, seed=1)
     assert pq.read_table(more / "pairs_eval.parquet").to_pylist() == preference_rows(held)
     with pytest.raises(PipelineError, match="constant_negatives must be >= 0, got -1"):
-        synthetic.main(["--output_dir", str(more), "--constant_negatives", "-1"])
+        synthetic_data.main(["--output_dir", str(more), "--constant_negatives", "-1"])

@@ -15,11 +15,11 @@ from pipeline.redaction import redact_argv
 # stage name -> (module holding `main(argv)`, one-line description). Only implemented stages are listed.
 STAGES: dict[str, tuple[str, str]] = {
     "tiny-model": (
-        "pipeline.tiny",
+        "pipeline.stages.tiny_model",
         "Build the offline tiny tokenizer + random causal LM (no hub needed) into --output_dir.",
     ),
     "synthetic-data": (
-        "pipeline.tasks.synthetic",
+        "pipeline.stages.synthetic_data",
         "Export the shipped synthetic code task as SFT, preference-pair and reward-keyed code-RL parquet.",
     ),
     "sft": ("pipeline.stages.sft", "Supervised fine-tuning (TRL SFTTrainer) from a YAML recipe."),

@@ -115,16 +115,7 @@ def pairwise(
 def score_all(cfg, items, answers, baseline, judge):
     """(per-prompt rows, per-answer rows, model -> metric -> bootstrap summary, judge statistics)."""
     code = score_code(items, answers, cfg) if "code" in cfg.scorers else None
-    rm_judge = None
-    if needs_reward_model(cfg):
-        import torch
-
-        from pipeline.models import load_reward_model
-
-        tokenizer, model = load_reward_model(cfg.reward_model_path, dtype=torch_dtype(cfg.dtype))
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        rm_judge = RewardModelJudge(tokenizer, model, cfg.batch_size, cfg.reward_max_length)
+    rm_judge = _reward_model_judge(cfg) if needs_reward_model(cfg) else None
     rewards: dict[str, dict[str, list[float]]] = {}
     if "reward_model" in cfg.scorers:
         flat = [(m, it, a) for m in answers for it in items for a in answers[m][it.key]]
@@ -136,17 +127,55 @@ def score_all(cfg, items, answers, baseline, judge):
     if "pairwise_judge" in cfg.scorers:
         judge = judge or build_judge(cfg, rm_judge)
         pairs = pairwise(judge, items, answers, baseline, cfg.judge_skip_identical)
-        all_pairs = [r for by_key in pairs.values() for row in by_key.values() for r in row]
-        judge_stats = {
-            "judge": cfg.judge,
-            "judge_pairs": len(all_pairs),
-            "judge_invalid": sum(not r.valid for r in all_pairs),
-            "judge_first_position_rate": mean_of([r.first_position for r in all_pairs]),
+        judge_stats = _judge_stats(cfg, judge, pairs)
+    rows, samples, series = _per_prompt_rows(cfg, items, answers, baseline, code, rewards, pairs)
+    aggregates = {
+        model: {
+            name: bootstrap(values, cfg.bootstrap_samples, cfg.seed, model, name)
+            for name, values in by.items()
         }
-        if isinstance(judge, OpenAIJudge):
-            judge_stats["judge_requests"] = judge.requests
-            judge_stats["judge_cached"] = judge.cached
+        for model, by in series.items()
+    }
+    if pairs is not None:
+        for model, by_key in pairs.items():
+            results = [r for row in by_key.values() for r in row]
+            aggregates[model]["win_rate"].update(
+                baseline=baseline,
+                pairs=len(results),
+                invalid=sum(not r.valid for r in results),
+                ties=sum(r.score == 0.5 for r in results),
+                first_position_rate=mean_of([r.first_position for r in results]),
+            )
+    return rows, samples, aggregates, judge_stats
 
+
+def _reward_model_judge(cfg) -> RewardModelJudge:
+    import torch
+
+    from pipeline.models import load_reward_model
+
+    tokenizer, model = load_reward_model(cfg.reward_model_path, dtype=torch_dtype(cfg.dtype))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return RewardModelJudge(tokenizer, model, cfg.batch_size, cfg.reward_max_length)
+
+
+def _judge_stats(cfg, judge, pairs) -> dict[str, Any]:
+    all_pairs = [r for by_key in pairs.values() for row in by_key.values() for r in row]
+    stats = {
+        "judge": cfg.judge,
+        "judge_pairs": len(all_pairs),
+        "judge_invalid": sum(not r.valid for r in all_pairs),
+        "judge_first_position_rate": mean_of([r.first_position for r in all_pairs]),
+    }
+    if isinstance(judge, OpenAIJudge):
+        stats["judge_requests"] = judge.requests
+        stats["judge_cached"] = judge.cached
+    return stats
+
+
+def _per_prompt_rows(cfg, items, answers, baseline, code, rewards, pairs):
+    """(one row per model and prompt, one per answer, model -> metric -> per-prompt values)."""
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     series: dict[str, dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
@@ -176,21 +205,4 @@ def score_all(cfg, items, answers, baseline, judge):
                 if name in row:
                     series[model][name].append(row[name])
             rows.append(row)
-    aggregates = {
-        model: {
-            name: bootstrap(values, cfg.bootstrap_samples, cfg.seed, model, name)
-            for name, values in by.items()
-        }
-        for model, by in series.items()
-    }
-    if pairs is not None:
-        for model, by_key in pairs.items():
-            results = [r for row in by_key.values() for r in row]
-            aggregates[model]["win_rate"].update(
-                baseline=baseline,
-                pairs=len(results),
-                invalid=sum(not r.valid for r in results),
-                ties=sum(r.score == 0.5 for r in results),
-                first_position_rate=mean_of([r.first_position for r in results]),
-            )
-    return rows, samples, aggregates, judge_stats
+    return rows, samples, series

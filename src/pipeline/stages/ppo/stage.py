@@ -168,6 +168,33 @@ def train(ctx, prompts, history: list[dict], start_update: int, updates: int, ro
                             "scheduler": ctx["scheduler"].state_dict()}, args.save_total_limit, ctx["rank"] == 0)  # fmt: skip
 
 
+def _set_deepspeed_batch(plugin, args: PPOStageConfig, world: int) -> None:
+    """No dataloader goes through accelerate's prepare(), so DeepSpeed's "auto" batch sizes are set here."""
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    plugin.deepspeed_config["train_batch_size"] = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    )
+
+
+def _train_between_evals(ctx: dict, prompts: list, eval_args: tuple, history: list, start_update: int,
+                         updates: int, rows_per_update: int, metrics: dict) -> None:  # fmt: skip
+    """Evaluate (unless resuming), train, evaluate again; the scores go into `metrics`."""
+    eval_prompts = eval_args[5]
+    if eval_prompts and start_update == 0:
+        before = evaluate(*eval_args)
+        metrics.update(eval_reward_before=before["reward"], eval_kl_before=before["kl"])
+        log.info("eval before training: mean score %.4f, KL %.4f", before["reward"], before["kl"])
+    train(ctx, prompts, history, start_update, updates, rows_per_update)
+    if history:
+        metrics.update(
+            score_start=history[0]["score"], score_end=history[-1]["score"], kl_end=history[-1]["kl"]
+        )
+    if eval_prompts:
+        after = evaluate(*eval_args)
+        metrics.update(eval_reward=after["reward"], eval_kl=after["kl"])
+        log.info("eval after training: mean score %.4f, KL %.4f", after["reward"], after["kl"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     data_args, reward_args, args, model_args = parse_stage_args(CONFIG_CLASSES, argv, "ppo")
     from accelerate.utils import set_seed
@@ -204,13 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.num_train_epochs * len(prompts) / (rows_per_update * world))  # fmt: skip
     model = PolicyAndValue(policy, critic)
     optimizer, scheduler = build_optimizer(model, args, updates * args.num_ppo_epochs * args.num_mini_batches)
-    if (
-        plugin is not None
-    ):  # no dataloader goes through prepare(), so DeepSpeed's "auto" batch size is set here
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
-        plugin.deepspeed_config["train_batch_size"] = (
-            args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-        )
+    if plugin is not None:
+        _set_deepspeed_batch(plugin, args, world)
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     start_update, history = resume_state(accelerator, plugin, args, scheduler, kl_ctl, updates)
@@ -228,19 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {"train_prompts": len(prompts), "eval_prompts": len(eval_prompts), "updates": updates}
     eval_args = (unwrapped, reference, tokenizer, reward_funcs, reward_tokenizers, eval_prompts, args, device)
     try:
-        if eval_prompts and start_update == 0:
-            before = evaluate(*eval_args)
-            metrics.update(eval_reward_before=before["reward"], eval_kl_before=before["kl"])
-            log.info("eval before training: mean score %.4f, KL %.4f", before["reward"], before["kl"])
-        train(ctx, prompts, history, start_update, updates, rows_per_update)
-        if history:
-            metrics.update(
-                score_start=history[0]["score"], score_end=history[-1]["score"], kl_end=history[-1]["kl"]
-            )
-        if eval_prompts:
-            after = evaluate(*eval_args)
-            metrics.update(eval_reward=after["reward"], eval_kl=after["kl"])
-            log.info("eval after training: mean score %.4f, KL %.4f", after["reward"], after["kl"])
+        _train_between_evals(
+            ctx, prompts, eval_args, history, start_update, updates, rows_per_update, metrics
+        )
         save_policy(accelerator, model, tokenizer, args.output_dir, rank == 0)
         if data_args.merge_lora and rank == 0 and not merge_saved_adapter(args.output_dir):
             log.warning("merge_lora: no LoRA adapter to merge (use_peft is off)")

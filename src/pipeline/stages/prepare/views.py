@@ -57,7 +57,7 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
     `job.pairs` were written (logged data keeps a prompt's responses together, so most pairs are)."""
     from tqdm.auto import tqdm
 
-    cfg, views, tmp, plan = job.cfg, job.views, Path(job.tmp), job.plan
+    cfg, tmp, plan = job.cfg, Path(job.tmp), job.plan
     tokenizer = None
     if cfg.tokenizer_name_or_path and cfg.max_length is not None:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
@@ -98,42 +98,15 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
                 selected, responses = selected.filter(pa.array(~long)), responses.filter(pa.array(~long))
                 if not mask.any():
                     continue
-            selected = selected.set_column(selected.schema.get_field_index(cfg.response_key), cfg.response_key,
-                                           responses)  # fmt: skip
-            if cfg.reward_output_key in selected.column_names:  # the input's column keeps its values, renamed
-                names = selected.column_names
-                names[names.index(cfg.reward_output_key)] = raw_column_name(cfg)
-                selected = selected.rename_columns(names)
-            selected = selected.append_column(cfg.reward_output_key, pa.array(plan.rewards[sl][mask]))
-            selected = selected.append_column("prompt_id", pa.array(plan.prompt_keys[sl][mask]))
+            selected = _output_columns(
+                selected, responses, cfg, plan.rewards[sl][mask], plan.prompt_keys[sl][mask]
+            )
             a, b = np.searchsorted(first, [sl.start, sl.stop])
             inside = np.flatnonzero(last[a:b] < sl.stop) + a  # pairs with both rows in this batch
             if len(inside):
                 pairs_written.append(inside)
-                at_good = np.searchsorted(rows, good[inside] - sl.start)
-                at_bad = np.searchsorted(rows, bad[inside] - sl.start)
-                for split, held_out in (("train", False), ("eval", True)):
-                    mine = plan.is_eval[good[inside]] == held_out
-                    if mine.any():
-                        writers["pairs", split].write(pair_table(
-                            selected, cfg, at_good[mine], at_bad[mine],
-                            plan.rewards[good[inside][mine]], plan.rewards[bad[inside][mine]],
-                        ))  # fmt: skip
-            eval_rows = plan.is_eval[sl][mask]
-            for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
-                part = selected.filter(pa.array(split_mask))
-                if "rl" in views:
-                    writers["rl", split].write(part)
-                if "sft" in views:
-                    pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
-                    if pos.num_rows:
-                        user, prefix = prompt_parts(pos.column(PROMPT_KEY))
-                        answer = pc.binary_join_element_wise(prefix, pos.column(cfg.response_key), "")
-                        messages = chat_array([("user", user), ("assistant", answer)])
-                        writers["sft", split].write(pa.table({
-                            "uid": pos.column("uid"), "messages": messages,
-                            cfg.reward_output_key: pos.column(cfg.reward_output_key),
-                        }))  # fmt: skip
+                _write_pairs(writers, selected, job, good[inside], bad[inside], rows, sl.start)
+            _write_rl_and_sft(writers, selected, job, plan.is_eval[sl][mask])
     bar.close()
     for writer in writers.values():
         writer.close()
@@ -141,3 +114,52 @@ def write_views(job: ViewsJob, progress: tuple = (None, None)) -> dict:
     written = np.concatenate(pairs_written) if pairs_written else np.zeros(0, dtype=np.int64)
     return {"rows": {f"{view}_{split}": w.rows for (view, split), w in writers.items()}, "too_long": too_long,
             "pairs_written": written}  # fmt: skip
+
+
+def _output_columns(
+    selected: pa.Table, responses: pa.Array, cfg: PrepareConfig, rewards, prompt_ids
+) -> pa.Table:
+    """The cleaned responses in place, the input's own reward column renamed aside, the mapped reward and
+    the prompt id appended."""
+    selected = selected.set_column(
+        selected.schema.get_field_index(cfg.response_key), cfg.response_key, responses
+    )
+    if cfg.reward_output_key in selected.column_names:  # the input's column keeps its values, renamed
+        names = selected.column_names
+        names[names.index(cfg.reward_output_key)] = raw_column_name(cfg)
+        selected = selected.rename_columns(names)
+    selected = selected.append_column(cfg.reward_output_key, pa.array(rewards))
+    return selected.append_column("prompt_id", pa.array(prompt_ids))
+
+
+def _write_pairs(writers: dict, selected: pa.Table, job: ViewsJob, good, bad, rows, start: int) -> None:
+    """Pairs whose chosen (`good`) and rejected (`bad`) global rows are both in this batch; `rows` are the
+    batch's kept rows (relative to `start`), in the order of `selected`."""
+    plan = job.plan
+    at_good = np.searchsorted(rows, good - start)
+    at_bad = np.searchsorted(rows, bad - start)
+    for split, held_out in (("train", False), ("eval", True)):
+        mine = plan.is_eval[good] == held_out
+        if mine.any():
+            writers["pairs", split].write(pair_table(
+                selected, job.cfg, at_good[mine], at_bad[mine], plan.rewards[good[mine]], plan.rewards[bad[mine]],
+            ))  # fmt: skip
+
+
+def _write_rl_and_sft(writers: dict, selected: pa.Table, job: ViewsJob, eval_rows) -> None:
+    """The batch's kept rows into the rl view, and those above the positive threshold as chats into sft."""
+    cfg = job.cfg
+    for split, split_mask in (("train", ~eval_rows), ("eval", eval_rows)):
+        part = selected.filter(pa.array(split_mask))
+        if "rl" in job.views:
+            writers["rl", split].write(part)
+        if "sft" in job.views:
+            pos = part.filter(pc.greater(part.column(cfg.reward_output_key), cfg.pos_threshold))
+            if pos.num_rows:
+                user, prefix = prompt_parts(pos.column(PROMPT_KEY))
+                answer = pc.binary_join_element_wise(prefix, pos.column(cfg.response_key), "")
+                messages = chat_array([("user", user), ("assistant", answer)])
+                writers["sft", split].write(pa.table({
+                    "uid": pos.column("uid"), "messages": messages,
+                    cfg.reward_output_key: pos.column(cfg.reward_output_key),
+                }))  # fmt: skip

@@ -49,8 +49,6 @@ def load_pipeline(
     path: str | os.PathLike, output_dir: str | None = None, overrides: dict[str, str] | None = None
 ) -> Pipeline:
     """Read and check a pipeline file; every problem is one line naming the file and key."""
-    from pipeline.cli import STAGES
-
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
@@ -83,8 +81,18 @@ def load_pipeline(
         check_name(key, f"{path}: sweep field")
         for value in values:
             check_name(value, f"{path}: sweep value of {key}:")
+    stages = _read_stages(path, raw.get("stages") or [])
+    _check_references(path, stages, sweep, variables)
+    return Pipeline(path, Path(root), {k: list(v) for k, v in sweep.items()}, dict(raw.get("args") or {}), stages,
+                    variables)  # fmt: skip
+
+
+def _read_stages(path: Path, entries: list) -> list[StageSpec]:
+    """The `stages:` list, each entry checked: known keys, a known stage, a unique name, its recipe found."""
+    from pipeline.cli import STAGES
+
     stages: list[StageSpec] = []
-    for i, entry in enumerate(raw.get("stages") or []):
+    for i, entry in enumerate(entries):
         where = f"{path}: stages[{i}]"
         if not isinstance(entry, dict) or "stage" not in entry:
             raise PipelineError(f"{where}: each stage is a mapping with at least `stage:` (and `name:`)")
@@ -112,6 +120,12 @@ def load_pipeline(
         stages.append(spec)
     if not stages:
         raise PipelineError(f"{path}: no `stages:` listed")
+    return stages
+
+
+def _check_references(path: Path, stages: list[StageSpec], sweep: dict, variables: dict) -> None:
+    """Every `${name}` names a sweep field, a variable, or a stage that runs earlier (shared stages only
+    on shared stages)."""
     names = [s.name for s in stages]
     for i, spec in enumerate(stages):
         for ref in references(spec):
@@ -130,8 +144,6 @@ def load_pipeline(
                 raise PipelineError(
                     f"{path}: shared stage '{spec.name}' depends on '{ref}', which is not shared"
                 )
-    return Pipeline(path, Path(root), {k: list(v) for k, v in sweep.items()}, dict(raw.get("args") or {}), stages,
-                    variables)  # fmt: skip
 
 
 def references(spec: StageSpec) -> set[str]:
