@@ -1,10 +1,12 @@
 """Shared fixtures: everything is built locally (no hub), once per test session."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="pipeline-cache-"))  # not the home folder
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests that exercise W&B switch it to offline themselves
 os.environ.pop("WANDB_API_KEY", None)
 

@@ -194,6 +194,34 @@ def read_prepared_split(
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
 
 
+def read_row_range(
+    files: list[str], rows_per_file: list[int], start: int, stop: int, columns: list[str]
+) -> pa.Table:
+    """Rows [start, stop) of parquet files read as one sequence, reading only the row groups that hold them
+    (so scoring or tokenizing a split part by part reads each row group about once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pieces, offset = [], 0
+    for path, count in zip(files, rows_per_file, strict=True):
+        lo, hi = max(start, offset), min(stop, offset + count)
+        if lo < hi:
+            handle = pq.ParquetFile(path)
+            groups, first, group_start = [], None, 0
+            for g in range(handle.metadata.num_row_groups):
+                n = handle.metadata.row_group(g).num_rows
+                if group_start + n > lo - offset and group_start < hi - offset:
+                    groups.append(g)
+                    first = group_start if first is None else first
+                group_start += n
+            table = handle.read_row_groups(groups, columns=columns)
+            pieces.append(table.slice(lo - offset - first, hi - lo))
+        offset += count
+    if not pieces:
+        return pa.table({c: pa.array([], pa.null()) for c in columns})
+    return pa.concat_tables(pieces)
+
+
 MAX_YAML_VALUES = 100_000  # a recipe or pipeline file expands to at most this many values (aliases included)
 
 

@@ -33,15 +33,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from pipeline import outputs
 from pipeline.configs import DataArguments, parse_stage_args
-from pipeline.data import load_train_eval, prepared_shards, read_prepared_split
+from pipeline.data import load_train_eval, prepared_shards
 from pipeline.errors import PipelineError
-from pipeline.logp_store import Expected, check_contract, read_logps, read_store_manifest, training_dtype
+from pipeline.logp_store import Expected, check_contract, read_store_manifest, training_dtype
 from pipeline.models import check_model_dir
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
@@ -70,6 +68,11 @@ class DPOStageConfig(DPOConfig):
         default=None,
         metadata={"help": "Reference model folder. Default: the starting model (or LoRA's base)."},
     )
+    token_view_dir: str | None = field(
+        default=None,
+        metadata={"help": "With data_path: where the tokenized pairs are cached (memory-mapped Arrow, built once "
+                  "and shared by every rank and restart). Default: token_views/ in ref_logps_dir, else in data_path."},
+    )  # fmt: skip
     allow_logp_dtype_mismatch: bool = field(
         default=False,
         metadata={"help": "With ref_logps_dir: accept logps computed in another dtype than this run's (e.g. bf16 "
@@ -92,66 +95,28 @@ class PipelineDPOTrainer(DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
-def prepared_pairs(args: DPOStageConfig, split: str, tokenizer, logps: dict | None):
-    """The pairs of a prepare output's split, tokenized from their rl rows (plus summed stored ref logps)."""
-    import pyarrow.parquet as pq
-    from datasets import Dataset
+def prepared_pairs(args: DPOStageConfig, split: str, tokenizer, logp_dir: str | None, state=None):
+    """The pairs of a prepare output's split as token ids (plus summed stored ref logps): the split's
+    tokenized view (`pipeline.token_view`, the rows tokenized as the logp and IPS stages do), paired by
+    `pipeline.pair_view`; both cached on disk and memory-mapped."""
+    from pipeline.pair_view import pair_view
+    from pipeline.token_view import ViewRequest, token_view
 
-    from pipeline.tokenization import parse_prompt, tokenize_prompt_response
-
-    files = prepared_shards(args.data_path, "pairs", split)
-    if not files:
+    if not prepared_shards(args.data_path, "pairs", split):
         return None
-    pairs = pa.concat_tables([pq.read_table(f, columns=["chosen_uid", "rejected_uid"]) for f in files])
     response_key = json.loads((Path(args.data_path) / "manifest.json").read_text())["columns"]["response"]
-    rl = read_prepared_split(args.data_path, "rl", split, ["uid", "prompt_pretokenized", response_key])
-    row_of = {uid: i for i, uid in enumerate(rl.column("uid").to_pylist())}
-    prompts, responses = rl.column("prompt_pretokenized").to_pylist(), rl.column(response_key).to_pylist()
-    columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    if logps is not None:
-        columns.update(ref_chosen_logps=[], ref_rejected_logps=[])
-    for chosen_uid, rejected_uid in zip(pairs.column("chosen_uid").to_pylist(),
-                                        pairs.column("rejected_uid").to_pylist(), strict=True):  # fmt: skip
-        missing = [uid for uid in (chosen_uid, rejected_uid) if uid not in row_of]
-        if missing:
-            raise PipelineError(f"{args.data_path}: pairs/{split} names uid {missing[0]!r}, which its rl/{split} "
-                                "view lacks; re-run `pipeline prepare` into a fresh output_dir")  # fmt: skip
-        rows = [row_of[chosen_uid], row_of[rejected_uid]]
-        prompt = parse_prompt(prompts[rows[0]])
-        chosen, rejected = tokenize_prompt_response(
-            tokenizer, [prompt, prompt], [responses[r] for r in rows], args.max_length
-        )
-        columns["prompt_ids"].append(chosen.input_ids[: chosen.prompt_len])
-        columns["chosen_ids"].append(chosen.input_ids[chosen.prompt_len :])
-        columns["rejected_ids"].append(rejected.input_ids[rejected.prompt_len :])
-        if logps is None:
-            continue
-        for uid, sample in ((chosen_uid, chosen), (rejected_uid, rejected)):
-            if uid not in logps:
-                raise PipelineError(f"{args.ref_logps_dir}: no stored logps for uid {uid!r} ({split} pairs); "
-                                    "run `pipeline logp` on this prepare output")  # fmt: skip
-            if len(logps[uid]) != sample.response_len:
-                raise PipelineError(f"uid {uid!r}: {sample.response_len} response tokens here but {len(logps[uid])} "
-                                    "stored logps; the logps were made with other tokenization settings")  # fmt: skip
-        shared = min(chosen.response_len, rejected.response_len)
-        for uid, key in ((chosen_uid, "ref_chosen_logps"), (rejected_uid, "ref_rejected_logps")):
-            columns[key].append(reference_sum(logps[uid], shared, args.ld_alpha))
-    return Dataset.from_dict(columns)
-
-
-def reference_sum(token_logps: np.ndarray, shared: int, ld_alpha: float | None) -> float:
-    """A response's reference log-prob as TRL's DPO sums its own: all tokens, or with LD-DPO's `ld_alpha` the
-    first `shared` tokens (the shorter response's length) plus ld_alpha × the rest."""
-    values = np.asarray(token_logps, dtype=np.float64)
-    if ld_alpha is None:
-        return float(values.sum())
-    return float(values[:shared].sum() + ld_alpha * values[shared:].sum())
+    request = ViewRequest(args.data_path, split, args.max_length, response_key, logp_dir, args.token_view_dir)
+    view = token_view(request, tokenizer, state)
+    if view is None:
+        raise PipelineError(f"{args.data_path}: pairs/{split} has pairs but rl/{split} has no rows; re-run "
+                            "`pipeline prepare` into a fresh output_dir")  # fmt: skip
+    return pair_view(args.data_path, split, view, args.ld_alpha, logp_dir, state)
 
 
 def stored_reference_logps(
     training_args: DPOStageConfig, model_args, tokenizer
 ) -> tuple[dict | None, dict | None]:
-    """({uid: per-token logps}, run.json's `logp_contract`) from `ref_logps_dir` once the store is checked
+    """(the store's folder, run.json's `logp_contract`) from `ref_logps_dir` once the store is checked
     against this run and every option is one the stored logps can honour; (None, None) without it."""
     if not training_args.ref_logps_dir:
         return None, None
@@ -178,7 +143,7 @@ def stored_reference_logps(
         logp_dir, "ref_logps_dir", manifest, expected, training_args.allow_logp_dtype_mismatch
     )
     training_args.precompute_ref_log_probs = True  # the trainer then reads them from the batch
-    return read_logps(logp_dir), contract
+    return str(logp_dir), contract
 
 
 # the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
@@ -198,18 +163,22 @@ def main(argv: list[str] | None = None) -> dict:
             "on; keep one (`--data_path ''` drops a recipe's data_path)"
         )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    logps, contract = stored_reference_logps(training_args, model_args, tokenizer)
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():  # the reference's hash is computed once, then read from the cache
+        logps, contract = stored_reference_logps(training_args, model_args, tokenizer)
     if training_args.data_path:
         if not (Path(training_args.data_path) / "manifest.json").is_file():
             raise PipelineError(
                 f"data_path '{training_args.data_path}': not a `pipeline prepare` output (no manifest.json)"
             )
-        train_dataset = prepared_pairs(training_args, "train", tokenizer, logps)
+        train_dataset = prepared_pairs(training_args, "train", tokenizer, logps, state)
         if train_dataset is None:
             raise PipelineError(
                 f"data_path '{training_args.data_path}': no pairs/train shards (prepare with views incl. pairs)"
             )
-        eval_dataset = prepared_pairs(training_args, "eval", tokenizer, logps)
+        eval_dataset = prepared_pairs(training_args, "eval", tokenizer, logps, state)
         train_dataset = limit_rows(train_dataset, data_args.max_train_samples, training_args.seed)
         eval_dataset = limit_rows(eval_dataset, data_args.max_eval_samples, training_args.seed)
     else:

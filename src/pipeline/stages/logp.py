@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline import outputs
 from pipeline.configs import parse_stage_args
-from pipeline.data import prepared_shards, remove_stale_temp_files, write_parquet_atomic
+from pipeline.data import prepared_shards, read_row_range, remove_stale_temp_files, write_parquet_atomic
 from pipeline.errors import PipelineError
 from pipeline.logp_store import (
     LOGP_SCHEMA,
@@ -115,14 +115,8 @@ def read_prepare_output(data_path: str, splits: list[str]) -> tuple[dict, list[S
 
 
 def read_rows(split: SplitInput, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a split that spans several files, reading only the files it touches."""
-    pieces, offset = [], 0
-    for path, count in zip(split.files, split.rows, strict=True):
-        lo, hi = max(start, offset), min(stop, offset + count)
-        if lo < hi:
-            pieces.append(pq.read_table(path, columns=columns).slice(lo - offset, hi - lo))
-        offset += count
-    return pa.concat_tables(pieces)
+    """Rows [start, stop) of a split that spans several files, reading only the row groups that hold them."""
+    return read_row_range(split.files, split.rows, start, stop, columns)
 
 
 # ------------------------------------------------------------------------------------------ scoring

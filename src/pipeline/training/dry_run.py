@@ -169,4 +169,9 @@ def limit_rows(dataset, n: int | None, seed: int):
     """The first `n` rows after a seeded shuffle (as `max_train_samples` does for files), or all."""
     if dataset is None or not n or n >= len(dataset):
         return dataset
-    return dataset.shuffle(seed=seed).select(range(n))
+    import numpy as np
+
+    # the rows `dataset.shuffle(seed=seed).select(range(n))` picks, without writing an indices file beside a
+    # memory-mapped dataset
+    rows = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    return dataset.select(rows, keep_in_memory=True)

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 from trl import SFTConfig
 
 from pipeline.configs import StageOptions
@@ -49,6 +48,19 @@ class IPSConfig(SFTConfig, StageOptions):
     kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "Per-token KL estimate."})
     kl_neg_discount: float = field(default=0.5, metadata={"help": "KL weight factor for negative rewards."})
     skip_missing: bool = field(default=False, metadata={"help": "Skip rows without stored logps (counted)."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on this many rows (after datafilter), drawn with the run's seed: a quick trial "
+                  "on the real data. Default: all."},
+    )  # fmt: skip
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on this many rows. Default: all."}
+    )
+    token_view_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the tokenized view of the data is cached (memory-mapped Arrow, built once and "
+                  "shared by every rank and restart). Default: token_views/ in the logp store."},
+    )  # fmt: skip
     allow_logp_dtype_mismatch: bool = field(
         default=False,
         metadata={"help": "Train on stored logps computed in another dtype than this run's (e.g. bf16 logps, fp32 "
@@ -81,9 +93,9 @@ def reward_options(args: IPSConfig) -> str:
     return ", ".join(said)
 
 
-def no_signal_message(args: IPSConfig, table: pa.Table, rows: np.ndarray) -> str:
-    """Every reward left is 0: say which options did it and how to get a signal back."""
-    raw = table.column(args.reward_key).take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.float64)
+def no_signal_message(args: IPSConfig, raw: np.ndarray, rows: int) -> str:
+    """Every reward left is 0: say which options did it and how to get a signal back (`raw`: the `rows`
+    rewards left, as read, before any baseline)."""
     if args.reward_baseline == "prompt_mean" and np.any(np.abs(raw) > NO_SIGNAL):
         why = ("reward_baseline=prompt_mean subtracted each prompt's mean from rewards that are equal within every "
                "prompt" + (f" once datafilter={args.datafilter} kept only rows with " + (
@@ -96,6 +108,6 @@ def no_signal_message(args: IPSConfig, table: pa.Table, rows: np.ndarray) -> str
             "use another reward_key or datafilter",
         )
     return (
-        f"train: all {len(rows)} rewards left are 0 (within {NO_SIGNAL:g}) after {reward_options(args)}: {why}; "
+        f"train: all {rows} rewards left are 0 (within {NO_SIGNAL:g}) after {reward_options(args)}: {why}; "
         f"the loss would learn nothing. {fix[0].upper()}{fix[1:]}"
     )

@@ -1,25 +1,28 @@
-"""IPS's training rows: the rl view joined with its stored reference logps, filtered, baselined,
-tokenized by the logp stage's function; and the collator that batches them."""
+"""IPS's training rows: the split's tokenized view (`pipeline.token_view`: tokenized by the logp stage's
+function, joined with the stored reference logps, memory-mapped), filtered and baselined with numpy over
+the split's reward and prompt-id columns; and the collator that batches them. No per-row Python object
+is held for the split: a rank holds a few numpy columns, and the pages of the view its batches touch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from trl import ModelConfig
 
 from pipeline.data import read_prepared_split
 from pipeline.errors import PipelineError
-from pipeline.logp_store import Expected, check_contract, read_logps, read_store_manifest, training_dtype
+from pipeline.logp_store import Expected, check_contract, read_store_manifest, training_dtype
 from pipeline.stages.ips.config import NO_SIGNAL, IPSConfig, no_signal_message, reward_options
+from pipeline.token_view import ViewRequest, token_view
 from pipeline.training import dry_run_reference_logps
 
 
-def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[dict | None, str, dict]:
-    """(logps by uid, the response column, run.json's `logp_contract`) once the store is checked against
-    this run (`pipeline.logp_store.check_contract`). A dry run scores its own reference with the tiny model."""
+def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[str, str, dict]:
+    """(the logp store's folder, the response column, run.json's `logp_contract`) once the store is checked
+    against this run (`pipeline.logp_store.check_contract`). A dry run scores its own reference with the
+    tiny model instead."""
     from pipeline.tokenization import tokenizer_fingerprint
 
     logp_dir = Path(args.logp_dir or f"{args.data_path.rstrip('/')}_{args.ref_tag}_logp")
@@ -30,7 +33,7 @@ def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[d
                             f"('{manifest['response_column']}')")  # fmt: skip
     if args.dry_run:
         return (
-            None,
+            str(logp_dir),
             response_key,
             {"logp_dir": str(logp_dir), "dry_run": "reference scored by the tiny model"},
         )
@@ -39,32 +42,79 @@ def stored_logps(args: IPSConfig, model_args: ModelConfig, tokenizer) -> tuple[d
                         training_dtype(args, model_args))  # fmt: skip
     contract = check_contract(logp_dir, "logp_dir", manifest, expected, args.allow_logp_dtype_mismatch)
     contract["model_fingerprint"] = manifest.get("model_fingerprint")
-    return read_logps(logp_dir), response_key, contract
+    return str(logp_dir), response_key, contract
 
 
-def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, response_key: str,
-                  dry_run_model: str | None = None):  # fmt: skip
-    """Rows of the rl view joined with their logps, filtered, baselined and tokenized.
+def prompt_mean_baseline(rewards: np.ndarray, groups: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Each kept row's reward minus the mean over the kept rows of its prompt (a group-by, O(rows))."""
+    out = rewards.copy()
+    _, inverse = np.unique(groups[keep], return_inverse=True)
+    means = np.bincount(inverse, weights=rewards[keep]) / np.bincount(inverse)
+    out[keep] = rewards[keep] - means[inverse]
+    return out
 
-    `logps` None (a dry run): the first rows only, with reference logps scored by `dry_run_model`."""
+
+def _dry_run_view(args: IPSConfig, split: str, tokenizer, response_key: str, model: str):
+    """A dry run's few rows, in memory, with reference logps scored by the tiny model (the stored ones
+    belong to the real model's tokenizer)."""
     from datasets import Dataset
 
     from pipeline.tokenization import parse_prompt, tokenize_prompt_response
 
-    columns = ["uid", "prompt_pretokenized", response_key, args.reward_key, "prompt_id"]
-    table = read_prepared_split(args.data_path, "rl", split, columns)
+    table = read_prepared_split(args.data_path, "rl", split, ["uid", "prompt_pretokenized", response_key])
     if table is None:
-        return None, {}
-    if logps is None:
-        table, logps = dry_run_reference_logps(dry_run_model, tokenizer, table, response_key, args.max_length)
+        return None
+    table, logps = dry_run_reference_logps(model, tokenizer, table, response_key, args.max_length)
+    prompts = [parse_prompt(p) for p in table.column("prompt_pretokenized").to_pylist()]
+    samples = tokenize_prompt_response(
+        tokenizer, prompts, table.column(response_key).to_pylist(), args.max_length
+    )
     uids = table.column("uid").to_pylist()
-    rewards = table.column(args.reward_key).to_numpy(zero_copy_only=False).astype(np.float64)
-    counts = {"rows": len(uids)}
-    has_logps = np.array([u in logps for u in uids])
+    return Dataset.from_dict({
+        "row": list(range(len(uids))), "uid": uids, "input_ids": [s.input_ids for s in samples],
+        "prompt_len": [s.prompt_len for s in samples], "ref_logps": [logps[u].tolist() for u in uids],
+    })  # fmt: skip
+
+
+def with_rewards(dataset, rewards: np.ndarray):
+    """`reward` added to each row as it is read (rewards[row]), without copying the memory-mapped rows."""
+
+    def add(batch: dict) -> dict:
+        return {**batch, "reward": rewards[np.asarray(batch["row"])].tolist()}
+
+    return dataset.with_transform(add)
+
+
+def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, response_key: str,
+                  dry_run_model: str | None = None, state=None):  # fmt: skip
+    """(the split's training rows, counts): the tokenized view's rows with stored logps, filtered by
+    `datafilter`, rewards baselined, `max_*_samples` applied; each row carries input_ids, prompt_len,
+    ref_logps and its reward. (None, {}) for a split without rows."""
+    if args.dry_run:
+        view, reused, folder = _dry_run_view(args, split, tokenizer, response_key, dry_run_model), None, None
+    else:
+        request = ViewRequest(
+            args.data_path, split, args.max_length, response_key, logp_dir, args.token_view_dir
+        )
+        found = token_view(request, tokenizer, state)
+        view, reused, folder = (
+            (found.dataset, found.reused, str(found.folder)) if found else (None, None, None)
+        )
+    if view is None:
+        return None, {}
+    positions = view.data.column("row").to_numpy()
+    columns = read_prepared_split(args.data_path, "rl", split, [args.reward_key, "prompt_id"])
+    rewards = columns.column(args.reward_key).to_numpy().astype(np.float64)[positions]
+    groups = columns.column("prompt_id").to_numpy()[positions]
+    del columns
+    counts: dict = {"rows": len(positions)}
+    if folder is not None:
+        counts.update(token_view=folder, token_view_reused=reused)
+    has_logps = ~view.data.column("ref_logps").is_null().to_numpy()
     missing = int((~has_logps).sum())
     if missing and not args.skip_missing:
-        first = uids[int(np.flatnonzero(~has_logps)[0])]
-        raise PipelineError(f"{split}: {missing} of {len(uids)} rows have no stored logps (first uid {first!r}); "
+        first = view.data.column("uid")[int(np.flatnonzero(~has_logps)[0])].as_py()
+        raise PipelineError(f"{split}: {missing} of {len(positions)} rows have no stored logps (first uid {first!r}); "
                             "run `pipeline logp` on this data, or pass --skip_missing true")  # fmt: skip
     keep = has_logps.copy()
     counts["skipped_missing_logps"] = missing
@@ -74,33 +124,32 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logps: dict | None, re
         keep &= rewards <= 0
     counts[f"dropped_{args.datafilter}"] = int(has_logps.sum() - keep.sum())
     if args.reward_baseline == "prompt_mean":
-        groups = table.column("prompt_id").to_numpy()
-        for key in np.unique(groups[keep]):
-            members = keep & (groups == key)
-            rewards[members] -= rewards[members].mean()
+        rewards = prompt_mean_baseline(rewards, groups, keep)
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
         raise PipelineError(
             f"{split}: no rows left to train on after {reward_options(args)} (counts: {counts})"
         )
     if split == "train" and np.all(np.abs(rewards[rows]) <= NO_SIGNAL):
-        raise PipelineError(no_signal_message(args, table, rows))
-    prompts = [parse_prompt(p) for p in table.column("prompt_pretokenized").take(pa.array(rows)).to_pylist()]
-    responses = table.column(response_key).take(pa.array(rows)).to_pylist()
-    samples = tokenize_prompt_response(tokenizer, prompts, responses, args.max_length)
-    ref = [np.asarray(logps[uids[i]], dtype=np.float32) for i in rows]
-    for sample, values, i in zip(samples, ref, rows, strict=True):
-        if sample.response_len != len(values):
-            raise PipelineError(f"uid {uids[i]!r}: {sample.response_len} response tokens here but {len(values)} "
-                                "stored logps; the logps were made with other tokenization settings")  # fmt: skip
+        raw = columns_reward(args, split)[positions[rows]]
+        raise PipelineError(no_signal_message(args, raw, len(rows)))
+    limit = args.max_train_samples if split == "train" else args.max_eval_samples
+    if limit and limit < len(rows):  # the first `limit` after a seeded shuffle, as `datasets` shuffles
+        rows = rows[np.random.default_rng(args.seed).permutation(len(rows))[:limit]]
+        counts[f"limited_to_max_{split}_samples"] = int(limit)
     counts["used_rows"] = len(rows)
-    dataset = Dataset.from_dict({
-        "input_ids": [s.input_ids for s in samples],
-        "prompt_len": [s.prompt_len for s in samples],
-        "ref_logps": [v.tolist() for v in ref],
-        "reward": rewards[rows].tolist(),
-    })  # fmt: skip
-    return dataset, counts
+    dataset = view.select(rows, keep_in_memory=True).select_columns(
+        ["row", "input_ids", "prompt_len", "ref_logps"]
+    )
+    by_row = np.zeros(int(positions.max()) + 1, dtype=np.float64)
+    by_row[positions] = rewards
+    return with_rewards(dataset, by_row), counts
+
+
+def columns_reward(args: IPSConfig, split: str) -> np.ndarray:
+    """The split's reward column as read (before any baseline), for the no-signal message."""
+    table = read_prepared_split(args.data_path, "rl", split, [args.reward_key])
+    return table.column(args.reward_key).to_numpy().astype(np.float64)
 
 
 class IPSCollator:

@@ -40,12 +40,18 @@ def main(argv: list[str] | None = None) -> dict:
             "packing is not available for ips; use padding_free: true (no compute on padding)"
         )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    logps, response_key, contract = stored_logps(args, model_args, tokenizer)
+    from accelerate import PartialState
+
+    state = PartialState()  # every rank builds its share of the tokenized view, then all memory-map it
+    with state.main_process_first():  # the reference's hash is computed once, then read from the cache
+        logp_dir, response_key, contract = stored_logps(args, model_args, tokenizer)
     reference = args.ref_model_name_or_path or model_args.model_name_or_path
-    train_dataset, counts = build_dataset(args, "train", tokenizer, logps, response_key, reference)
+    train_dataset, counts = build_dataset(args, "train", tokenizer, logp_dir, response_key, reference, state)
     if train_dataset is None:
         raise PipelineError(f"{args.data_path}: no rl/train-*.parquet rows")
-    eval_dataset, eval_counts = build_dataset(args, "eval", tokenizer, logps, response_key, reference)
+    eval_dataset, eval_counts = build_dataset(
+        args, "eval", tokenizer, logp_dir, response_key, reference, state
+    )
     counts.update({f"eval_{k}": v for k, v in eval_counts.items()})
     if eval_dataset is None and args.eval_strategy != "no":
         args.eval_strategy = "no"
