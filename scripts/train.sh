@@ -8,7 +8,8 @@
 # RSPKEY: response column (must be the one the logps scored). DATAFILTER: none | posonly | negonly.
 # Knobs (environment): bsz (per device, 4), gacc (gradient accumulation, 8), lr (in 1e-6: lr=10 is 1e-5;
 # default 1), gpu (processes per node), kl (0.5), ml (max tokens, 2000), proj (W&B project; unset: no W&B),
-# numepoch (3), out (output folder; default DATAPATH_TAG_ips_REWARDKEY_DATAFILTER_lrLR_klKL_bsBSZxGACC_mlML_epN,
+# numepoch (3), savemin (a checkpoint about every this many minutes, 30; the run resumes from the last one),
+# out (output folder; default DATAPATH_TAG_ips_REWARDKEY_DATAFILTER_lrLR_klKL_bsBSZxGACC_mlML_epN,
 # so runs with other knobs never resume each other), dryrun=1 (print the command); multi-node: WORKER_NUM, NODE_RANK,
 # MASTER_ADDR, MASTER_PORT, NUM_GPUS (see scripts/_launch.sh).
 # ds: the distributed setup by name (default zero2) — zero2 | zero3 | zero3_offload | fsdp2 | ddp |
@@ -39,4 +40,4 @@ run_or_print "${LAUNCH[@]}" -m pipeline.cli ips \
   --per_device_train_batch_size "${bsz:-4}" --gradient_accumulation_steps "${gacc:-8}" \
   --learning_rate "${lr:-1}e-6" --kl_coef "${kl:-0.5}" --max_length "${ml:-2000}" \
   --num_train_epochs "${numepoch:-3}" --bf16 "$bf16" --gradient_checkpointing false \
-  --save_strategy epoch --logging_steps 10 "${report[@]}" "$@"
+  --save_strategy epoch --save_every_minutes "${savemin:-30}" --logging_steps 10 "${report[@]}" "$@"

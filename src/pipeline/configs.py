@@ -45,6 +45,14 @@ class StageOptions:
             "model for from_pretrained); the adapter is kept in <output_dir>/adapter."
         },
     )
+    save_every_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also save a checkpoint about every this many minutes (the step interval is measured "
+            "after 10 steps; every rank saves at the same steps), whatever save_strategy says. "
+            "scripts/train.sh sets 30."
+        },
+    )
 
 
 @dataclass

@@ -143,6 +143,7 @@ class RunInfo:
             "stage": stage,
             "status": "running",
             "seed": seed,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "command": [Path(sys.argv[0]).name, *redact_argv(sys.argv[1:])],
             "config": config_dict(*configs),
             "git": git_state(),

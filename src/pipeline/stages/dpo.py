@@ -232,4 +232,4 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["logp_contract"] = contract
     return train_evaluate_save(trainer, run, metrics, training_args.output_dir,
                                training_args.resume_from_checkpoint, eval_keys=EVAL_KEYS,
-                               merge_lora=data_args.merge_lora)  # fmt: skip
+                               merge_lora=data_args.merge_lora, save_every_minutes=data_args.save_every_minutes)  # fmt: skip

@@ -55,6 +55,7 @@ from pipeline.training import (
     run_training,
     save_final_model,
 )
+from pipeline.training.save_timer import SaveEveryMinutes
 
 # ------------------------------------------------------------------------------------------------ rewards
 
@@ -171,6 +172,8 @@ def run_online_rl(stage: str, config_class, trainer_name: str, argv: list[str] |
         "eval_prompts": len(eval_dataset) if eval_dataset else 0,
     }
     try:
+        if data_args.save_every_minutes:
+            trainer.add_callback(SaveEveryMinutes(data_args.save_every_minutes))
         train_and_save(trainer, log, training_args, data_args.merge_lora, metrics)
     except BaseException:
         run.finish(metrics, status="failed")

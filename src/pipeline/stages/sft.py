@@ -84,4 +84,5 @@ def main(argv: list[str] | None = None) -> dict:
     return train_evaluate_save(
         trainer, run, metrics, training_args.output_dir, training_args.resume_from_checkpoint,
         merge_lora=data_args.merge_lora,
+        save_every_minutes=data_args.save_every_minutes,
     )  # fmt: skip

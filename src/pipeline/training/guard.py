@@ -42,8 +42,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_complete_marker(folder: Path, step: int) -> None:
-    write_json(folder / COMPLETE_MARKER, {"global_step": step})
+def write_complete_marker(folder: Path, step: int, args=None) -> None:
+    """The checkpoint is complete; with `args`, also how it was trained (checked when it is resumed)."""
+    write_json(
+        folder / COMPLETE_MARKER, {"global_step": step, **(process_layout(args) if args is not None else {})}
+    )
+
+
+def process_layout(args) -> dict:
+    """Processes, engine and batch split of a run: what a resume must keep or may change."""
+    import os
+
+    if getattr(args, "deepspeed", None):
+        engine = "deepspeed"
+    elif getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        engine = "fsdp"
+    else:
+        engine = "ddp"
+    return {"world_size": args.world_size, "engine": engine, "per_device_train_batch_size":
+            args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps}  # fmt: skip
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -114,7 +131,7 @@ def _make_guard():
             barrier()  # every process has written its part of the checkpoint
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if is_main(args) and folder.is_dir():
-                write_complete_marker(folder, state.global_step)
+                write_complete_marker(folder, state.global_step, args)
                 _rotate_own_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
             barrier()
 

@@ -46,13 +46,20 @@ def keep_bnb_4bit_trainable_on_cpu(model) -> int:
 
 def train_evaluate_save(
     trainer, run: RunInfo, metrics: dict, output_dir: str, resume_from_checkpoint=None, eval_keys=(),
-    merge_lora: bool = False,
+    merge_lora: bool = False, save_every_minutes: float | None = None,
 ) -> dict:  # fmt: skip
     """Eval loss before, training, eval loss after, final save, run.json; returns metrics + log history.
 
     Training resumes from the last complete checkpoint in `output_dir` unless `resume_from_checkpoint` is
     false, and backs off on out-of-memory errors (`pipeline.training.run_training`).
-    `eval_keys`: further eval metrics (without the `eval_` prefix) recorded before and after as well."""
+    `eval_keys`: further eval metrics (without the `eval_` prefix) recorded before and after as well.
+    `save_every_minutes`: checkpoints by the clock too (`pipeline.training.save_timer`)."""
+    timer = None
+    if save_every_minutes:
+        from pipeline.training.save_timer import SaveEveryMinutes
+
+        timer = SaveEveryMinutes(save_every_minutes)
+        trainer.add_callback(timer)
     has_eval = trainer.eval_dataset is not None
     # Under DeepSpeed, an evaluate() before train() builds an inference-only engine: ZeRO-1/2 refuse it and
     # ZeRO-3 then trains without an engine. So the "before" numbers are skipped there (said in the log).
@@ -71,6 +78,8 @@ def train_evaluate_save(
             logger.info("eval loss before training %.4f", metrics["eval_loss_before"])
         result, info = run_training(trainer, resume_from_checkpoint)
         metrics.update(train_loss=result.training_loss, global_step=result.global_step, **info)
+        if timer is not None:
+            metrics["save_every_steps"] = timer.interval
         if has_eval:
             after = trainer.evaluate()
             metrics["eval_loss"] = after["eval_loss"]

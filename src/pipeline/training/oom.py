@@ -60,7 +60,7 @@ def _save_step_state(trainer, guard, scratch: Path) -> str:
                    save_total_limit=None):  # fmt: skip
         trainer._save_checkpoint(trainer.model_wrapped, trial=None)
     folder = scratch / f"checkpoint-{step}"
-    write_complete_marker(folder, step)
+    write_complete_marker(folder, step, trainer.args)
     for _, old in checkpoint_folders(scratch):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)

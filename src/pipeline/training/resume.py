@@ -115,8 +115,46 @@ def resolve_resume(args, value: Any = None) -> str | None:
                        "which this run replaces: %s", ", ".join(p.name for p in ours))  # fmt: skip
     barrier()
     if start:
+        check_process_layout(start, args)
         logger.info("resuming from %s", start)
     return start
+
+
+def check_process_layout(checkpoint: str, args) -> None:
+    """A checkpoint resumes only where the training it continues stays the same: the same global batch
+    (micro-batch × accumulation × processes; how it is split may change, as the out-of-memory back-off
+    does), and under DeepSpeed or FSDP the same number of processes (each holds its own shard of the
+    optimizer state, which this version does not re-shard). One line naming both counts otherwise."""
+    from pipeline.training.guard import process_layout
+
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    saved = json.loads(marker.read_text()) if marker.is_file() else {}
+    if "world_size" not in saved:  # an older or foreign checkpoint: nothing recorded to compare
+        return
+    now = process_layout(args)
+    name = Path(checkpoint).name
+    if saved["world_size"] != now["world_size"] and "ddp" not in (saved["engine"], now["engine"]):
+        raise PipelineError(
+            f"{name} was saved by {saved['world_size']} processes under {saved['engine']}, this run has "
+            f"{now['world_size']}: each process holds its own shard of the optimizer state, which cannot be "
+            f"re-sharded here; resume with {saved['world_size']} processes, or start afresh with "
+            "resume_from_checkpoint: false"
+        )
+    old = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved["world_size"]
+    new = now["per_device_train_batch_size"] * now["gradient_accumulation_steps"] * now["world_size"]
+    if old != new:
+        per = now["per_device_train_batch_size"] * now["world_size"]
+        keep = (f"; with {now['world_size']} processes of micro-batch {now['per_device_train_batch_size']}, "
+                f"gradient_accumulation_steps {old // per} keeps it") if old % per == 0 else ""  # fmt: skip
+        raise PipelineError(
+            f"{name} was trained at a global batch of {old} ({saved['world_size']} processes × "
+            f"{saved['per_device_train_batch_size']} × {saved['gradient_accumulation_steps']} accumulation), this "
+            f"run at {new} ({now['world_size']} × {now['per_device_train_batch_size']} × "
+            f"{now['gradient_accumulation_steps']}): the resumed run would not continue the same training{keep}"
+        )
+    if saved["world_size"] != now["world_size"]:
+        logger.info("resuming %s, saved by %d processes, with %d (global batch %d kept)", name,
+                    saved["world_size"], now["world_size"], new)  # fmt: skip
 
 
 # Config fields that do not change what is trained (where it is written, logged, evaluated or saved, how
@@ -133,8 +171,21 @@ NOT_TRAINING_FIELDS = frozenset({
     "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub",
     "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push", "hub_revision", "skip_memory_metrics",
     "include_num_input_tokens_seen", "include_tokens_per_second", "ddp_timeout", "logp_mismatch_threshold",
-    "local_rank", "ddp_backend", "use_cpu", "trust_checkpoint",
+    "local_rank", "ddp_backend", "use_cpu", "trust_checkpoint", "save_every_minutes", "token_view_dir",
+    # how the global batch is split; a resume checks the global batch itself (`check_process_layout`)
+    "per_device_train_batch_size", "gradient_accumulation_steps",
 })  # fmt: skip
+
+
+def _global_batch_difference(previous: dict, old: dict, new: dict) -> str | None:
+    """The global batch (micro-batch × accumulation × processes) of the two runs, when it differs: how it is
+    split may change on a resume, the batch itself may not."""
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    if not all(k in old and k in new for k in keys):
+        return None
+    there = old[keys[0]] * old[keys[1]] * int(previous.get("world_size") or 1)
+    here = new[keys[0]] * new[keys[1]] * int(os.environ.get("WORLD_SIZE", "1"))
+    return f"global batch: {there} there, {here} here" if there != here else None
 
 
 def _shown(value: Any) -> str:
@@ -163,6 +214,9 @@ def refuse_resuming_another_run(output_dir: str, stage: str, configs: tuple, res
     differ = [f"stage: {previous.get('stage')} there, {stage} here"] if previous.get("stage") != stage else []
     differ += [f"{key}: {_shown(old[key])} there, {_shown(new[key])} here" for key in sorted(set(old) & set(new))
                if key not in NOT_TRAINING_FIELDS and old[key] != new[key]]  # fmt: skip
+    batch = _global_batch_difference(previous, old, new)
+    if batch:
+        differ.append(batch)
     if differ:
         more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise PipelineError(

@@ -94,4 +94,4 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {f"train_{k}" if not k.startswith("eval_") else k: v for k, v in counts.items()}
     metrics.update(logp_contract=contract, logp_mismatch=mismatch.record)
     return train_evaluate_save(trainer, run, metrics, args.output_dir, args.resume_from_checkpoint,
-                               merge_lora=args.merge_lora)  # fmt: skip
+                               merge_lora=args.merge_lora, save_every_minutes=args.save_every_minutes)  # fmt: skip
