@@ -74,6 +74,30 @@ def test_oom_back_off_keeps_the_global_batch_and_the_loss_curve(
     assert not (tmp_path / "oom" / ".oom-backoff").exists()  # the retry's saved state is cleaned up
 
 
+def test_oom_with_several_processes_restarts_every_process_at_the_smaller_split(
+    tmp_path, tiny_model_dir, task_data, monkeypatch
+):
+    from transformers import TrainingArguments
+
+    reference = run_sft(tiny_model_dir, task_data, tmp_path / "ref", "--max_steps", "3", "--save_strategy", "no",
+                        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4")  # fmt: skip
+    # as one of two processes: the others wait in a collective, so this attempt stops (checkpoint at step 1)
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    fired = oom_after(monkeypatch, step=1, micro_batch=2, rows_above=2)
+    flags = ["--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size",
+             "4", "--gradient_accumulation_steps", "2"]  # fmt: skip
+    with pytest.raises(PipelineError, match=r"one of 2 processes; run the same command again.*per_device_train"
+                       r"_batch_size 2 x gradient_accumulation_steps 4 \(global batch unchanged"):  # fmt: skip
+        run_sft(tiny_model_dir, task_data, tmp_path / "oom", *flags)
+    assert fired == [1] and (tmp_path / "oom" / "oom_backoff.json").is_file()
+    # the same command again: every process reads the recorded split, resumes from step 1 and finishes
+    resumed = run_sft(tiny_model_dir, task_data, tmp_path / "oom", *flags)
+    assert resumed["resumed_from"].endswith("checkpoint-1")
+    assert resumed["per_device_train_batch_size"] == 2 and resumed["gradient_accumulation_steps"] == 4
+    assert step_losses(resumed)[-2:] == pytest.approx(step_losses(reference)[1:], abs=1e-6)
+    assert not (tmp_path / "oom" / "oom_backoff.json").exists()
+
+
 def test_oom_at_micro_batch_one_gives_up_in_one_line(tmp_path, tiny_model_dir, task_data, monkeypatch):
     def always_oom(self, model, inputs, num_items_in_batch=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

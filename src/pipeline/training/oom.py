@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ logger = logging.getLogger("pipeline.training")
 
 
 OOM_DIR = ".oom-backoff"  # where the state before a failing step is saved for the restart
+BACKOFF_FILE = "oom_backoff.json"  # the smaller split the next attempt of a multi-process run starts at
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -87,15 +90,13 @@ def _release_training_objects(trainer) -> None:
     _free_device_memory()
 
 
-def _shrink_batch(trainer, factor: int) -> None:
-    """Micro-batch / factor, accumulation × factor; the dataloader is rebuilt from these by `train()`."""
+def _set_batch(trainer, micro: int, accum: int) -> None:
+    """Micro-batch and accumulation (the dataloader is rebuilt from these by `train()`)."""
     args = trainer.args
-    args.per_device_train_batch_size //= factor
-    args.gradient_accumulation_steps *= factor
-    if getattr(
-        args, "steps_per_generation", None
-    ):  # GRPO/RLOO: one generation batch stays one optimizer step
-        args.steps_per_generation *= factor
+    factor = accum // args.gradient_accumulation_steps if accum >= args.gradient_accumulation_steps else 1
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = micro, accum
+    if getattr(args, "steps_per_generation", None) and factor > 1:
+        args.steps_per_generation *= factor  # GRPO/RLOO: one generation batch stays one optimizer step
     trainer._train_batch_size = args.train_batch_size
     if hasattr(trainer, "_buffered_inputs"):  # GRPO/RLOO: completions are regenerated at the restart
         trainer._buffered_inputs = None
@@ -104,6 +105,43 @@ def _shrink_batch(trainer, factor: int) -> None:
         from transformers.integrations.deepspeed import propagate_args_to_deepspeed
 
         propagate_args_to_deepspeed(trainer.accelerator, args, auto_find_batch_size=False)
+
+
+def _shrink_batch(trainer, factor: int) -> None:
+    """Micro-batch / factor, accumulation × factor: the global batch is kept."""
+    args = trainer.args
+    _set_batch(trainer, args.per_device_train_batch_size // factor, args.gradient_accumulation_steps * factor)
+
+
+def _record_backoff(trainer, micro: int, accum: int, where: str) -> Path:
+    """For a run of several processes: the smaller split, read by every process of the next attempt."""
+    path = Path(trainer.args.output_dir) / BACKOFF_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # the failing process may be any rank
+    tmp.write_text(json.dumps({"per_device_train_batch_size": micro, "gradient_accumulation_steps": accum,
+                               "world_size": trainer.args.world_size, "reason": where}) + "\n")  # fmt: skip
+    os.replace(tmp, path)
+    return path
+
+
+def apply_recorded_backoff(trainer) -> dict | None:
+    """At the start of an attempt: the split an out-of-memory error on an earlier attempt asked for, applied
+    on every process alike (they all read one file), when it keeps this run's global batch."""
+    path = Path(trainer.args.output_dir) / BACKOFF_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    args = trainer.args
+    micro, accum = recorded["per_device_train_batch_size"], recorded["gradient_accumulation_steps"]
+    if (
+        micro * accum * recorded.get("world_size", args.world_size)
+        != (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        or micro >= args.per_device_train_batch_size
+    ):
+        return None  # another global batch (another run), or nothing smaller than asked
+    _set_batch(trainer, micro, accum)
+    logger.warning("an earlier attempt ran out of memory (%s): per_device_train_batch_size %d x "
+                   "gradient_accumulation_steps %d (global batch unchanged)", recorded.get("reason"), micro, accum)  # fmt: skip
+    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accum, "from": BACKOFF_FILE}
 
 
 def _back_off(trainer, guard, start: str | None, scratch: Path, message: str) -> tuple[str | None, dict]:
@@ -118,14 +156,18 @@ def _back_off(trainer, guard, start: str | None, scratch: Path, message: str) ->
     if guard.phase != "step":
         raise PipelineError(f"{where} outside forward/backward ({guard.phase}); lower per_device_eval_batch_size "
                             "or check that the model fits (`pipeline check`)")  # fmt: skip
-    if args.world_size > 1:
-        # the other processes are waiting in a collective: a clean retry needs them all, so stop with the fix
-        raise PipelineError(f"{where} on one of {args.world_size} processes; rerun with per_device_train_batch_size "
-                            f"{micro // _smallest_factor(micro)} and gradient_accumulation_steps "
-                            f"{accum * _smallest_factor(micro)} (it resumes from the last checkpoint)")  # fmt: skip
     if micro == 1:
         raise PipelineError(f"{where}: nothing left to shrink; use LoRA/QLoRA (use_peft, load_in_4bit), "
                             "gradient_checkpointing, a shorter max_length or DeepSpeed ZeRO-3 with offload")  # fmt: skip
+    if args.world_size > 1:
+        # the other processes wait in a collective: a clean retry needs them all, so this attempt stops and
+        # the next one (a rerun, or torchrun --max_restarts) starts every process at the smaller split
+        factor = _smallest_factor(micro)
+        path = _record_backoff(trainer, micro // factor, accum * factor, where)
+        raise PipelineError(f"{where} on one of {args.world_size} processes; run the same command again: every "
+                            f"process resumes from the last checkpoint at per_device_train_batch_size "
+                            f"{micro // factor} x gradient_accumulation_steps {accum * factor} (global batch "
+                            f"unchanged; recorded in {path})")  # fmt: skip
     trainer.model.zero_grad(set_to_none=True)  # the failing step's partial gradients
     _free_device_memory()
     if step == guard.start_step:
@@ -152,6 +194,9 @@ def run_training(trainer, resume_from_checkpoint: Any = None):
     if is_main(trainer.args):
         shutil.rmtree(scratch, ignore_errors=True)
     info: dict = {"resumed_from": start, "oom_backoffs": []}
+    recorded = apply_recorded_backoff(trainer)
+    if recorded:
+        info["oom_backoffs"].append(recorded)
     while True:
         guard.phase = "setup"  # until the trainer's first step begins (an OOM there is not the batch's)
         try:
@@ -166,6 +211,7 @@ def run_training(trainer, resume_from_checkpoint: Any = None):
         info["oom_backoffs"].append(event)
     if is_main(trainer.args):
         shutil.rmtree(scratch, ignore_errors=True)
+        (Path(trainer.args.output_dir) / BACKOFF_FILE).unlink(missing_ok=True)
     if info["oom_backoffs"]:
         info["per_device_train_batch_size"] = trainer.args.per_device_train_batch_size
         info["gradient_accumulation_steps"] = trainer.args.gradient_accumulation_steps
