@@ -146,6 +146,34 @@ def stored_reference_logps(
     return str(logp_dir), contract
 
 
+def load_datasets(
+    data_args: DataArguments, training_args: DPOStageConfig, tokenizer, logp_dir: str | None, state
+):
+    """(train, eval) pairs: from a prepare output (tokenized view, `max_*_samples` applied) or from
+    preference files (TRL tokenizes those)."""
+    if training_args.data_path:
+        if not (Path(training_args.data_path) / "manifest.json").is_file():
+            raise PipelineError(
+                f"data_path '{training_args.data_path}': not a `pipeline prepare` output (no manifest.json)"
+            )
+        train_dataset = prepared_pairs(training_args, "train", tokenizer, logp_dir, state)
+        if train_dataset is None:
+            raise PipelineError(
+                f"data_path '{training_args.data_path}': no pairs/train shards (prepare with views incl. pairs)"
+            )
+        eval_dataset = prepared_pairs(training_args, "eval", tokenizer, logp_dir, state)
+        train_dataset = limit_rows(train_dataset, data_args.max_train_samples, training_args.seed)
+        eval_dataset = limit_rows(eval_dataset, data_args.max_eval_samples, training_args.seed)
+    else:
+        train_dataset, eval_dataset = load_train_eval(data_args, training_args.seed)
+        for name, dataset in (("train_data", train_dataset), ("eval_data", eval_dataset)):
+            if dataset is not None and not {"chosen", "rejected"} <= set(dataset.column_names):
+                source = data_args.train_data if name == "train_data" else data_args.eval_data
+                raise PipelineError(f"{name} '{source}': a preference file needs columns 'chosen' and 'rejected' "
+                                    f"(and 'prompt' unless it is implicit); found {dataset.column_names}")  # fmt: skip
+    return train_dataset, eval_dataset
+
+
 # the dataclasses a recipe of this stage fills (tests/test_configs.py parses every shipped recipe with them)
 CONFIG_CLASSES = (DataArguments, DPOStageConfig, ModelConfig)
 
@@ -168,26 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     state = PartialState()
     with state.main_process_first():  # the reference's hash is computed once, then read from the cache
         logps, contract = stored_reference_logps(training_args, model_args, tokenizer)
-    if training_args.data_path:
-        if not (Path(training_args.data_path) / "manifest.json").is_file():
-            raise PipelineError(
-                f"data_path '{training_args.data_path}': not a `pipeline prepare` output (no manifest.json)"
-            )
-        train_dataset = prepared_pairs(training_args, "train", tokenizer, logps, state)
-        if train_dataset is None:
-            raise PipelineError(
-                f"data_path '{training_args.data_path}': no pairs/train shards (prepare with views incl. pairs)"
-            )
-        eval_dataset = prepared_pairs(training_args, "eval", tokenizer, logps, state)
-        train_dataset = limit_rows(train_dataset, data_args.max_train_samples, training_args.seed)
-        eval_dataset = limit_rows(eval_dataset, data_args.max_eval_samples, training_args.seed)
-    else:
-        train_dataset, eval_dataset = load_train_eval(data_args, training_args.seed)
-        for name, dataset in (("train_data", train_dataset), ("eval_data", eval_dataset)):
-            if dataset is not None and not {"chosen", "rejected"} <= set(dataset.column_names):
-                source = data_args.train_data if name == "train_data" else data_args.eval_data
-                raise PipelineError(f"{name} '{source}': a preference file needs columns 'chosen' and 'rejected' "
-                                    f"(and 'prompt' unless it is implicit); found {dataset.column_names}")  # fmt: skip
+    train_dataset, eval_dataset = load_datasets(data_args, training_args, tokenizer, logps, state)
     configs = (data_args, training_args, model_args)
     outputs.claim(training_args.output_dir, "dpo")
     refuse_resuming_another_run(

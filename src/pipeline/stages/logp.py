@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if state.device.type == "cuda" else "float32"
-    job = job_of(cfg, tokenizer, prepare_manifest, inputs, dtype)
+    with state.main_process_first():  # one rank hashes the reference; the others read the hash cache
+        job = job_of(cfg, tokenizer, prepare_manifest, inputs, dtype)
     start_job(output_dir, job, state)
 
     model = AutoModelForCausalLM.from_pretrained(

@@ -18,6 +18,7 @@ from pipeline.training.resume import (
     is_complete_checkpoint,
     is_main,
     is_pipeline_checkpoint,
+    process_layout,
 )
 
 
@@ -47,20 +48,6 @@ def write_complete_marker(folder: Path, step: int, args=None) -> None:
     write_json(
         folder / COMPLETE_MARKER, {"global_step": step, **(process_layout(args) if args is not None else {})}
     )
-
-
-def process_layout(args) -> dict:
-    """Processes, engine and batch split of a run: what a resume must keep or may change."""
-    import os
-
-    if getattr(args, "deepspeed", None):
-        engine = "deepspeed"
-    elif getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        engine = "fsdp"
-    else:
-        engine = "ddp"
-    return {"world_size": args.world_size, "engine": engine, "per_device_train_batch_size":
-            args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps}  # fmt: skip
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -120,13 +120,23 @@ def resolve_resume(args, value: Any = None) -> str | None:
     return start
 
 
+def process_layout(args) -> dict:
+    """Processes, engine and batch split of a run: what a resume must keep or may change."""
+    if getattr(args, "deepspeed", None):
+        engine = "deepspeed"
+    elif getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        engine = "fsdp"
+    else:
+        engine = "ddp"
+    return {"world_size": args.world_size, "engine": engine, "per_device_train_batch_size":
+            args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps}  # fmt: skip
+
+
 def check_process_layout(checkpoint: str, args) -> None:
     """A checkpoint resumes only where the training it continues stays the same: the same global batch
     (micro-batch × accumulation × processes; how it is split may change, as the out-of-memory back-off
     does), and under DeepSpeed or FSDP the same number of processes (each holds its own shard of the
     optimizer state, which this version does not re-shard). One line naming both counts otherwise."""
-    from pipeline.training.guard import process_layout
-
     marker = Path(checkpoint) / COMPLETE_MARKER
     saved = json.loads(marker.read_text()) if marker.is_file() else {}
     if "world_size" not in saved:  # an older or foreign checkpoint: nothing recorded to compare
