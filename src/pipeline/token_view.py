@@ -53,6 +53,7 @@ logger = logging.getLogger("pipeline.token_view")
 
 VIEW_FORMAT = 1
 PART_ROWS = 65_536  # rows per view part: the unit of resumption (a few hundred MB at 500 tokens per row)
+BUILD_BATCH = 4_096  # rows tokenized and joined at a time while a part is written
 COMPLETE = "view.json"
 
 
@@ -288,11 +289,11 @@ def build_parts(request: ViewRequest, tokenizer, folder: Path, rank: int = 0, wo
     ):
         if _part_path(folder, index).is_file():  # another process finished it meanwhile
             continue
-        start = index * request.part_rows
-        table = build_part(
-            request, tokenizer, files, counts, start, min(total, start + request.part_rows), store
-        )
-        write_arrow_atomic(table, _part_path(folder, index))
+        start, stop = index * request.part_rows, min(total, (index + 1) * request.part_rows)
+        with arrow_file_writer(_part_path(folder, index), view_schema(store is not None)) as writer:
+            for lo in range(start, stop, BUILD_BATCH):  # memory bounded by a batch, not by the part
+                table = build_part(request, tokenizer, files, counts, lo, min(stop, lo + BUILD_BATCH), store)
+                writer.write_table(table, max_chunksize=BUILD_BATCH)
         built += 1
     return built
 
