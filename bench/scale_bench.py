@@ -4,7 +4,7 @@
         [--code_dir OTHER_CHECKOUT/src]   # the same measurements on another version of the code
 
 Makes `--rows` synthetic logged code-RL rows in the users' schema (uid, a JSON chat prompt, a fenced code
-response of ~300 bytes, `normalized_reward` in [-1, 1], 4 responses per prompt) and a tiny model, then runs
+response of ~80 bytes, `normalized_reward` in [-1, 1], 4 responses per prompt) and a tiny model, then runs
 each stage in a fresh child process: `prepare` (rl and pairs views), `logp` (the tiny model as reference,
 max_length 128), `ips` and `dpo` with the stored logps, one optimizer step each. A stage's peak RSS is the
 largest of its own and its worker processes' (`ru_maxrss`); its time is measured inside the child,
