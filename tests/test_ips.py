@@ -293,3 +293,9 @@ def test_train_script_names_its_output_after_the_knobs():
     cmd = ["bash", str(REPO / "scripts/train.sh"), "d/", "m", "ref", "reward", "unprocessed_response", "none"]
     words = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.split()
     assert words[words.index("--output_dir") + 1] == "d_ref_ips_reward_none_lr5_kl0.1_bs2x16_ml1024_ep1"
+
+
+def test_max_train_samples_trains_on_that_many_rows(tmp_path, chain, tiny_model_dir):
+    result = run_ips(chain, tiny_model_dir, tmp_path / "o", "--max_train_samples", "12", "--max_steps", "1")
+    assert result["train_used_rows"] == 12 == result["train_limited_to_max_train_samples"]
+    assert result["train_rows"] == len(train_rewards(chain)) > 12

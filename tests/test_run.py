@@ -210,6 +210,49 @@ def test_size_matched_subsets_share_their_prompts(tmp_path, pairs_file):
         subset_rows(pairs_file, tmp_path, 51)
 
 
+def _source(tmp_path, name, prompts, per_prompt):
+    rows = [{"prompt_pretokenized": json.dumps([{"role": "user", "content": f"task {p}"}]), "uid": f"{name}{p}.{r}",
+             "response": f"answer {r}"} for p in prompts for r in range(per_prompt)]  # fmt: skip
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[::-1]), path)  # the file's own order plays no part
+    return str(path)
+
+
+def _subset(tmp_path, data, name, *flags):
+    subset.main(["--data", data, "--output_dir", str(tmp_path / name), *flags])
+    manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+    table = pq.read_table(tmp_path / name / "train.parquet")
+    return manifest, {json.loads(p)[0]["content"] for p in table.column("prompt_pretokenized").to_pylist()}
+
+
+def test_two_sources_order_their_shared_prompts_alike(tmp_path):
+    # two pools of 200 prompts that differ by one prompt: their 10-prompt subsets share 9 or 10 prompts
+    # (ordering by a shuffle of each file's own sorted prompts shared 1)
+    a = _source(tmp_path, "a", range(200), 2)
+    b = _source(tmp_path, "b", [*range(199), 500], 2)
+    _, from_a = _subset(tmp_path, a, "sa", "--size", "10", "--size_unit", "prompts")
+    _, from_b = _subset(tmp_path, b, "sb", "--size", "10", "--size_unit", "prompts")
+    assert len(from_a) == len(from_b) == 10 and len(from_a & from_b) >= 9
+
+
+def test_size_in_prompts_and_size_matched_sources(tmp_path):
+    many = _source(tmp_path, "many", range(100), 4)  # 4 responses per prompt
+    few = _source(tmp_path, "few", range(100), 2)  # 2 per prompt
+    # in rows, the same size means other prompts: 100 rows are 25 prompts of one source, 50 of the other
+    rows_many, in_many = _subset(tmp_path, many, "rm", "--size", "100")
+    rows_few, in_few = _subset(tmp_path, few, "rf", "--size", "100")
+    assert (rows_many["num_prompts"], rows_few["num_prompts"]) == (25, 50) and in_many < in_few
+    # in prompts: the same 25 prompts from both sources
+    assert _subset(tmp_path, many, "pm", "--size", "25", "--size_unit", "prompts")[1] == in_many
+    assert _subset(tmp_path, few, "pf", "--size", "25", "--size_unit", "prompts")[1] == in_many
+    # size-matched: 100 rows of the 2-per-prompt source, the other subset's 25 prompts first, then 25 new
+    matched, in_matched = _subset(
+        tmp_path, few, "mf", "--size", "100", "--match_subset", str(tmp_path / "rm")
+    )
+    assert matched["rows"] == 100 and in_many < in_matched and len(in_matched) == 50
+    assert matched["matched_to"]["shared"] == 25 and matched["prompt_ids"][:25] == rows_many["prompt_ids"]
+
+
 def test_jobs_run_sweep_points_as_separate_processes(tmp_path, pairs_file):
     """`--jobs 2`: each point is `pipeline run FILE --index I` in its own process (real `subset` stages)."""
     spec = tmp_path / "p.yaml"

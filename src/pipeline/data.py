@@ -121,7 +121,9 @@ def load_train_eval(args: Any, seed: int) -> tuple[datasets.Dataset, datasets.Da
     else:
         raise PipelineError("no training data: set `train_data` (parquet/jsonl files) or `dataset_name`")
     if args.max_train_samples is not None and args.max_train_samples < len(train):
-        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
+        from pipeline.sampling import first_rows
+
+        train = first_rows(train, args.max_train_samples)  # nested, prompt by prompt, whatever the run seed
     if (
         evaluation is not None
         and args.max_eval_samples is not None

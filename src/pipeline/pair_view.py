@@ -4,6 +4,8 @@
 Each pair of `pairs/{split}` (chosen_uid, rejected_uid) becomes a row of
 
     prompt_ids, chosen_ids, rejected_ids    list<int32>   (TRL's DPO input once tokenized)
+    prompt_id, chosen_row                   uint64, int64 the prompt and the chosen row (`max_train_samples`
+                                                          keeps pairs in `sampling.nested_ids_order`)
     ref_chosen_logps, ref_rejected_logps    float64       the reference's summed logps (with a logp store)
 
 The uids are matched to rows of the view by one Arrow hash join; the pairs are then written a chunk at a
@@ -23,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import prepared_shards
+from pipeline.data import prepared_shards, read_prepared_split
 from pipeline.errors import PipelineError
 from pipeline.token_view import TokenView, arrow_file_writer
 
@@ -42,7 +44,8 @@ def reference_sum(token_logps, shared: int, ld_alpha: float | None) -> float:
 
 def pair_schema(with_logps: bool) -> pa.Schema:
     ids = pa.list_(pa.int32())
-    fields = [("prompt_ids", ids), ("chosen_ids", ids), ("rejected_ids", ids)]
+    fields = [("prompt_ids", ids), ("chosen_ids", ids), ("rejected_ids", ids), ("prompt_id", pa.uint64()),
+              ("chosen_row", pa.int64())]  # fmt: skip
     if with_logps:
         fields += [("ref_chosen_logps", pa.float64()), ("ref_rejected_logps", pa.float64())]
     return pa.schema(fields)
@@ -71,11 +74,12 @@ def pair_rows(data_path: str, split: str, view: TokenView) -> tuple[np.ndarray, 
 
 
 def _pair_chunk(view: TokenView, chosen: np.ndarray, rejected: np.ndarray, with_logps: bool,
-                ld_alpha: float | None, logp_dir: str | None, split: str) -> pa.Table:  # fmt: skip
+                ld_alpha: float | None, logp_dir: str | None, split: str, prompt_ids: np.ndarray) -> pa.Table:  # fmt: skip
     columns = ["uid", "input_ids", "prompt_len", "response_len"] + (["ref_logps"] if with_logps else [])
     good = view.dataset.select_columns(columns)[chosen.tolist()]
     bad = view.dataset.select_columns(columns)[rejected.tolist()]
     out: dict[str, list] = {name: [] for name in pair_schema(with_logps).names}
+    out["prompt_id"], out["chosen_row"] = prompt_ids[chosen].tolist(), chosen.tolist()
     for i in range(len(chosen)):
         p, q = good["prompt_len"][i], bad["prompt_len"][i]
         out["prompt_ids"].append(good["input_ids"][i][:p])
@@ -103,15 +107,17 @@ def pair_view(data_path: str, split: str, view: TokenView, ld_alpha: float | Non
     files = prepared_shards(data_path, "pairs", split)
     if not files:
         return None
-    key = hashlib.sha256(json.dumps({"pairs": [Path(f).name for f in files], "ld_alpha": ld_alpha}).encode())
+    identity = {"format": 2, "pairs": [Path(f).name for f in files], "ld_alpha": ld_alpha}
+    key = hashlib.sha256(json.dumps(identity).encode())
     path = view.folder / f"dpo-pairs-{key.hexdigest()[:12]}.arrow"
     main = state is None or state.is_main_process
     if not path.is_file() and main:
         chosen, rejected = pair_rows(data_path, split, view)
+        prompt_ids = read_prepared_split(data_path, "rl", split, ["prompt_id"]).column(0).to_numpy()
         with arrow_file_writer(path, pair_schema(with_logps)) as writer:
             for i in range(0, len(chosen), CHUNK):
                 chunk = _pair_chunk(view, chosen[i : i + CHUNK], rejected[i : i + CHUNK], with_logps, ld_alpha,
-                                    logp_dir, split)  # fmt: skip
+                                    logp_dir, split, prompt_ids)  # fmt: skip
                 writer.write_table(chunk, max_chunksize=1024)
         logger.info("dpo pairs of %s/%s: %d written to %s", data_path, split, len(chosen), path)
     elif path.is_file():
@@ -119,3 +125,15 @@ def pair_view(data_path: str, split: str, view: TokenView, ld_alpha: float | Non
     if state is not None:
         state.wait_for_everyone()
     return Dataset.from_file(str(path), in_memory=False)
+
+
+def first_pairs(dataset, n: int | None):
+    """The first `n` pairs in the nested prompt-by-prompt order (`max_train_samples`), or all."""
+    from pipeline.sampling import nested_ids_order
+
+    if dataset is None or not n or n >= len(dataset):
+        return dataset
+    order = nested_ids_order(
+        dataset.data.column("prompt_id").to_numpy(), dataset.data.column("chosen_row").to_numpy()
+    )
+    return dataset.select(order[:n], keep_in_memory=True)

@@ -41,10 +41,10 @@ from pipeline.data import load_train_eval, prepared_shards
 from pipeline.errors import PipelineError
 from pipeline.logp_store import Expected, check_contract, read_store_manifest, training_dtype
 from pipeline.models import check_model_dir
+from pipeline.pair_view import first_pairs
 from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, setup_tracking
 from pipeline.training import (
     keep_bnb_4bit_trainable_on_cpu,
-    limit_rows,
     model_init_kwargs,
     refuse_resuming_another_run,
     train_evaluate_save,
@@ -162,8 +162,8 @@ def load_datasets(
                 f"data_path '{training_args.data_path}': no pairs/train shards (prepare with views incl. pairs)"
             )
         eval_dataset = prepared_pairs(training_args, "eval", tokenizer, logp_dir, state)
-        train_dataset = limit_rows(train_dataset, data_args.max_train_samples, training_args.seed)
-        eval_dataset = limit_rows(eval_dataset, data_args.max_eval_samples, training_args.seed)
+        train_dataset = first_pairs(train_dataset, data_args.max_train_samples)  # nested, for every run seed
+        eval_dataset = first_pairs(eval_dataset, data_args.max_eval_samples)
     else:
         train_dataset, eval_dataset = load_train_eval(data_args, training_args.seed)
         for name, dataset in (("train_data", train_dataset), ("eval_data", eval_dataset)):

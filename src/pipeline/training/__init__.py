@@ -37,7 +37,6 @@ from pipeline.training.dry_run import (
     dry_run_hardware_flags,
     dry_run_output_dir,
     dry_run_reference_logps,
-    limit_rows,
 )
 from pipeline.training.final_model import (
     FINAL_RECORD,
@@ -71,6 +70,6 @@ __all__ = [
     "FINAL_RECORD", "NOT_TRAINING_FIELDS", "final_tmp", "checkpoint_folders", "disable_eval_without_data", "dry_run_flags",
     "dry_run_hardware_flags", "dry_run_output_dir", "dry_run_reference_logps", "guard_of",
     "is_complete_checkpoint", "is_out_of_memory", "is_pipeline_checkpoint", "keep_bnb_4bit_trainable_on_cpu",
-    "limit_rows", "merge_saved_adapter", "model_init_kwargs", "refuse_resuming_another_run", "resolve_resume",
+    "merge_saved_adapter", "model_init_kwargs", "refuse_resuming_another_run", "resolve_resume",
     "resume_setting", "run_training", "save_final_model", "swap_in_final_model", "train_evaluate_save",
 ]  # fmt: skip

@@ -163,15 +163,3 @@ def dry_run_reference_logps(model_dir: str, tokenizer, table, response_key: str,
         values = response_logps(model, samples, tokenizer.pad_token_id)
     uids = table.column("uid").to_pylist()
     return table, {uid: np.asarray(v, dtype=np.float32) for uid, v in zip(uids, values, strict=True)}
-
-
-def limit_rows(dataset, n: int | None, seed: int):
-    """The first `n` rows after a seeded shuffle (as `max_train_samples` does for files), or all."""
-    if dataset is None or not n or n >= len(dataset):
-        return dataset
-    import numpy as np
-
-    # the rows `dataset.shuffle(seed=seed).select(range(n))` picks, without writing an indices file beside a
-    # memory-mapped dataset
-    rows = np.random.default_rng(seed).permutation(len(dataset))[:n]
-    return dataset.select(rows, keep_in_memory=True)

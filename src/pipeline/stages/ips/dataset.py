@@ -14,6 +14,7 @@ from trl import ModelConfig
 from pipeline.data import read_prepared_split
 from pipeline.errors import PipelineError
 from pipeline.logp_store import Expected, check_contract, read_store_manifest, training_dtype
+from pipeline.sampling import nested_ids_order
 from pipeline.stages.ips.config import NO_SIGNAL, IPSConfig, no_signal_message, reward_options
 from pipeline.token_view import ViewRequest, token_view
 from pipeline.training import dry_run_reference_logps
@@ -134,8 +135,8 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, respons
         raw = columns_reward(args, split)[positions[rows]]
         raise PipelineError(no_signal_message(args, raw, len(rows)))
     limit = args.max_train_samples if split == "train" else args.max_eval_samples
-    if limit and limit < len(rows):  # the first `limit` after a seeded shuffle, as `datasets` shuffles
-        rows = rows[np.random.default_rng(args.seed).permutation(len(rows))[:limit]]
+    if limit and limit < len(rows):  # nested and prompt by prompt, the same rows for every run seed
+        rows = rows[nested_ids_order(groups[rows], positions[rows])[:limit]]
         counts[f"limited_to_max_{split}_samples"] = int(limit)
     counts["used_rows"] = len(rows)
     dataset = view.select(rows, keep_in_memory=True).select_columns(
