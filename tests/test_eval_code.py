@@ -95,19 +95,20 @@ def test_wrong_and_hostile_completions_fail(tmp_path, humaneval, humaneval_path)
     assert summary["pass@4"] == 1.0
 
 
-def test_pass_at_k_and_skipped_problems(tmp_path, capsys):
+def test_every_pass_at_k_is_over_the_same_problems(tmp_path, capsys):
     other = {**TOY, "task_id": "toy/1"}
     problems = _write_jsonl(tmp_path / "problems.jsonl.gz", [TOY, other], gz=True)
     rows = [("toy/0", RIGHT), ("toy/0", WRONG), ("toy/0", WRONG), ("toy/1", RIGHT), ("toy/1", RIGHT)]
     samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": t, "completion": c} for t, c in rows])
     summary = main(["--samples", samples, "--problems", problems, "--k", "1,2,3,10"])
-    # toy/0: n=3, c=1; toy/1: n=2, c=2
+    # toy/0: n=3, c=1; toy/1: n=2, c=2: every reported k is over both problems
     assert summary["pass@1"] == pytest.approx((1 / 3 + 1) / 2)
     assert summary["pass@2"] == pytest.approx(((1 - 1 / 3) + 1) / 2)
-    assert summary["pass@3"] == 1.0  # toy/0 only
-    assert summary["pass@10"] is None
-    assert summary["skipped_problems"] == {"pass@3": 1, "pass@10": 2}
-    assert "left out 1 problem(s)" in capsys.readouterr().err
+    assert summary["pass@3"] is None and summary["pass@10"] is None  # pass@3 would be toy/0's alone
+    assert summary["problems"] == 2 and set(summary["not_reported"]) == {"pass@3", "pass@10"}
+    err = capsys.readouterr().err
+    assert "problems evaluated: 2 (5 samples)" in err
+    assert "pass@3: not reported: 1 of 2 problems have fewer than 3 samples (the fewest: 2)" in err
 
 
 def test_pass_at_k_matches_exact_combinatorics():
@@ -122,11 +123,11 @@ def test_pass_at_k_matches_exact_combinatorics():
     assert pass_at_k(10**6, 0, 10) == 0.0 and pass_at_k(10**6, 10**6, 10) == 1.0
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 4)
-    assert estimate_pass_at_k({"a": (2, 1)}, [1, 3]) == {
-        "pass@1": 0.5,
-        "pass@3": None,
-        "skipped_problems": {"pass@3": 1},
-    }
+    # the issue's reproduction: A has 10 samples, 0 correct; B 1 sample, correct. pass@1 and pass@10 over
+    # different problems gave 0.5 and 0.0; now pass@10 is not reported, and pass@1 is over both
+    summary = estimate_pass_at_k({"A": (10, 0), "B": (1, 1)}, [1, 10])
+    assert summary["pass@1"] == 0.5 and summary["pass@10"] is None and summary["problems"] == 2
+    assert "1 of 2 problems have fewer than 10 samples" in summary["not_reported"]["pass@10"]
 
 
 BAD_INPUTS = {

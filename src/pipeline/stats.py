@@ -26,15 +26,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int]) -> dict[str, Any]:
-    """``pass@k`` averaged over the problems with at least k samples, and how many were left out per k."""
+    """``pass@k`` averaged over every problem evaluated, for each k every problem has samples for: all the
+    reported ks describe the same problems. A k above the smallest sample count is not reported (None) and
+    ``not_reported`` says why; ``problems`` is how many were evaluated."""
     out: dict[str, Any] = {}
-    skipped: dict[str, int] = {}
+    not_reported: dict[str, str] = {}
+    fewest = min((n for n, _ in counts.values()), default=0)
     for k in ks:
-        values = [pass_at_k(n, c, k) for n, c in counts.values() if n >= k]
-        out[f"pass@{k}"] = sum(values) / len(values) if values else None
-        if len(values) < len(counts):
-            skipped[f"pass@{k}"] = len(counts) - len(values)
-    out["skipped_problems"] = skipped
+        short = sum(n < k for n, _ in counts.values())
+        if not counts or short:
+            out[f"pass@{k}"] = None
+            not_reported[f"pass@{k}"] = (f"{short} of {len(counts)} problems have fewer than {k} samples (the "
+                                         f"fewest: {fewest}); every pass@k is over the same problems") if counts else "no problems"  # fmt: skip
+            continue
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+    out["problems"] = len(counts)
+    out["not_reported"] = not_reported
     return out
 
 

@@ -13,8 +13,8 @@ answered in plain data. ``<samples>_results.jsonl`` gets every sample with ``pas
 complete. The last line on stdout is a JSON object with ``pass@k`` for every k.
 
 pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem (n samples, c correct), averaged
-over problems. A problem with fewer than k samples is left out of that k's average, and the count left out
-is reported. When every problem is left out, the value is null.
+over every problem evaluated, so all the reported ks describe the same problems. A k above the smallest
+number of samples a problem has is not reported (null), and ``not_reported`` says why.
 """
 
 from __future__ import annotations
@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workers=args.workers,
         limits=Limits(memory_bytes=args.memory_mb * 2**20),
     )
-    for key, count in summary["skipped_problems"].items():
-        print(f"{key}: left out {count} problem(s) with fewer than k samples", file=sys.stderr)
+    print(f"problems evaluated: {summary['problems']} ({summary['num_samples']} samples)", file=sys.stderr)
+    for key, why in summary["not_reported"].items():
+        print(f"{key}: not reported: {why}", file=sys.stderr)
     print(f"results: {summary['results']}", file=sys.stderr)
     print(json.dumps(summary), flush=True)
     return summary
