@@ -173,3 +173,33 @@ def test_synthetic_task_rewards_use_the_same_mapping_and_executor():
     assert code_execution_reward([r["unprocessed_response"] for r in rows], tests) == [
         r["normalized_reward"] for r in rows
     ]
+
+
+def test_grpo_scores_with_the_reward_model_inputs_rm_trained_on(tmp_path, tiny_model_dir):
+    """GRPO/RLOO call the reward model through `reward_model_input_ids`, as `rm`, `ppo` and `eval` do (TRL's
+    own rendering of a prompt with an assistant prefix, or of a text prompt, feeds other tokens)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.rewards.online import RewardArguments, build_reward_funcs
+    from pipeline.tokenization import reward_model_input_ids
+
+    folder = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(folder)
+    args = RewardArguments(reward_funcs="reward_model", reward_model_path=str(folder))
+    [func], [processing] = build_reward_funcs(["reward_model"], args, as_functions=True)
+    assert callable(func) and not isinstance(func, torch.nn.Module) and processing is None
+    assert func.__name__ == "rm"  # logged as rewards/rm/mean, as TRL names a model by its folder
+    prefixed = [{"role": "user", "content": "Write f."}, {"role": "assistant", "content": "```python\n"}]
+    prompts = [prefixed, "Write g as text:"]
+    completions = [[{"role": "assistant", "content": "def f(): pass\n```"}], " def g(): pass"]
+    scores = func(prompts=prompts, completions=completions)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    answers = ["def f(): pass\n```", " def g(): pass"]
+    with torch.no_grad():
+        expected = [model(input_ids=torch.tensor([reward_model_input_ids(tokenizer, p, a)])).logits[0, 0].item()
+                    for p, a in zip(prompts, answers, strict=True)]  # fmt: skip
+    assert scores == pytest.approx(expected, abs=1e-5)

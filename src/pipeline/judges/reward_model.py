@@ -16,11 +16,14 @@ class RewardModelJudge(PairwiseJudge):
 
     name = "reward_model"
 
-    def __init__(self, tokenizer, model, batch_size: int = 8, max_length: int | None = None):
+    def __init__(
+        self, tokenizer, model, batch_size: int = 8, max_length: int | None = None, cache: bool = True
+    ):
         self.tokenizer = tokenizer
         self.model = model
         self.batch_size = max(1, batch_size)
         self.max_length = max_length
+        self.keep_scores = cache  # off in training, where inputs rarely repeat and the cache would only grow
         self._cache: dict[tuple[int, ...], float] = {}
 
     def score(
@@ -53,7 +56,10 @@ class RewardModelJudge(PairwiseJudge):
                 logits = self.model(**enc).logits
             for ids, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
                 self._cache[ids] = value
-        return [self._cache[ids] for ids in inputs]
+        scores = [self._cache[ids] for ids in inputs]
+        if not self.keep_scores:
+            self._cache.clear()
+        return scores
 
     def judge(self, prompts, first, second):
         scores = self.score(list(prompts) * 2, list(first) + list(second))

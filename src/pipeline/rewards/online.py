@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
@@ -81,8 +82,33 @@ def reward_names(args: RewardArguments) -> list[str]:
     return names
 
 
-def build_reward_funcs(names: list[str], args: RewardArguments, dtype: Any = None) -> tuple[list, list]:
-    """(reward functions, their processing classes) in TRL's `reward_funcs` form."""
+class RewardModelFunction:
+    """A scalar reward model as a TRL reward function: its inputs are built by
+    `tokenization.reward_model_input_ids`, as `rm` trained it and as `ppo` and `eval` score with it (TRL's
+    own rendering of prompt + completion differs: two assistant turns after an assistant prefix, no EOS
+    after a text prompt)."""
+
+    def __init__(self, tokenizer, model, name: str, batch_size: int = 8):
+        from pipeline.judges.reward_model import RewardModelJudge
+
+        self.scorer = RewardModelJudge(tokenizer, model.eval(), batch_size, cache=False)
+        self.__name__ = name  # TRL logs rewards/<name>/mean
+        self._placed = False
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        if not self._placed:  # on the device of this process, once
+            from accelerate import PartialState
+
+            self.scorer.model.to(PartialState().device)
+            self._placed = True
+        answers = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return self.scorer.score(list(prompts), answers)
+
+
+def build_reward_funcs(names: list[str], args: RewardArguments, dtype: Any = None,
+                       as_functions: bool = False) -> tuple[list, list]:  # fmt: skip
+    """(reward functions, their processing classes) in TRL's `reward_funcs` form. `as_functions`: a reward
+    model as a `RewardModelFunction` (GRPO/RLOO) rather than the module itself (`ppo` scores it alone)."""
     from pipeline.rewards.code import code_execution_reward, humaneval_reward
 
     options = {"timeout": args.reward_timeout, "workers": args.reward_workers}
@@ -94,10 +120,15 @@ def build_reward_funcs(names: list[str], args: RewardArguments, dtype: Any = Non
 
             kwargs = {"dtype": dtype} if dtype not in (None, "auto") else {}
             tokenizer, model = load_reward_model(args.reward_model_path, **kwargs)
-            if hasattr(model, "merge_and_unload"):  # a LoRA adapter: TRL scores with a plain model
+            if hasattr(model, "merge_and_unload"):  # a LoRA adapter: scored as a plain model
                 model = model.merge_and_unload()
-            funcs.append(model)
-            processing.append(tokenizer)
+            if as_functions:
+                name_of = Path(args.reward_model_path.rstrip("/")).name
+                funcs.append(RewardModelFunction(tokenizer, model, name_of))
+                processing.append(None)
+            else:
+                funcs.append(model)
+                processing.append(tokenizer)
         else:
             # partial keeps the wrapped name, so TRL logs rewards/code_execution_reward/mean etc.
             base = code_execution_reward if name == "code_execution" else humaneval_reward

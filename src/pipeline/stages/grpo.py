@@ -106,7 +106,9 @@ def build_trainer(stage: str, trainer_name: str, names, reward_args, training_ar
 
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    reward_funcs, reward_processing = build_reward_funcs(names, reward_args, model_args.dtype)
+    reward_funcs, reward_processing = build_reward_funcs(
+        names, reward_args, model_args.dtype, as_functions=True
+    )
     trainer = getattr(trl, trainer_name)(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
