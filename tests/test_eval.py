@@ -531,3 +531,23 @@ def test_help_lists_every_field(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(f"--{name}" in text for name in ("models", "pass_k", "judge_base_url", "judge_api_key_env"))
+
+
+def test_judge_diagnostics_count_each_kind_of_pair_once():
+    """Identical answers, inconsistent verdicts and judged ties were all counted as `ties`, and the skipped
+    identical pairs pulled the position-bias rate towards 0.5."""
+    from pipeline.judges import PairResult, pair_diagnostics
+
+    results = [
+        PairResult(0.5, 0.5, identical=True),  # the same text twice: not judged
+        PairResult(0.5, 0.5, identical=True),
+        PairResult(1.0, 1.0),  # the first answer shown won both times: inconsistent
+        PairResult(0.5, 0.5),  # a judged tie
+        PairResult(1.0, 0.0),  # a won in both orders
+        PairResult(None, 1.0),  # no verdict in one order
+    ]
+    found = pair_diagnostics(results)
+    assert {k: found[k] for k in ("pairs", "identical", "inconsistent", "ties", "invalid")} == {
+        "pairs": 6, "identical": 2, "inconsistent": 1, "ties": 1, "invalid": 1,
+    }  # fmt: skip
+    assert found["first_position_rate"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)  # judged pairs only

@@ -29,6 +29,7 @@ from pipeline.judges.base import (
     PairwiseJudge,
     conversation_text,
     judge_both_orders,
+    pair_diagnostics,
     verdict_of,
 )
 from pipeline.judges.openai import MAX_REPLY_BYTES, OpenAIJudge, VerdictCache
@@ -44,5 +45,6 @@ __all__ = [
     "VerdictCache",
     "conversation_text",
     "judge_both_orders",
+    "pair_diagnostics",
     "verdict_of",
 ]

@@ -58,6 +58,7 @@ class PairResult:
 
     forward: float | None  # p(a better), a shown first
     backward: float | None  # p(b better), b shown first
+    identical: bool = False  # the two answers were the same text and not sent to the judge (a tie by rule)
 
     @property
     def valid(self) -> bool:
@@ -71,11 +72,34 @@ class PairResult:
         return (self.forward + (1.0 - self.backward)) / 2.0
 
     @property
+    def inconsistent(self) -> bool:
+        """The verdict followed the position: the answer shown first (or second) won in both orders."""
+        if not self.valid or self.identical:
+            return False
+        return (self.forward > 0.5 and self.backward > 0.5) or (self.forward < 0.5 and self.backward < 0.5)
+
+    @property
     def first_position(self) -> float | None:
         """How often the answer shown first won (0.5 for a judge without position bias)."""
         if not self.valid:
             return None
         return (self.forward + self.backward) / 2.0
+
+
+def pair_diagnostics(results: Sequence[PairResult]) -> dict:
+    """What the judge did with a set of pairs, each kind counted once: `identical` answers (a tie by rule,
+    never judged), `inconsistent` verdicts (the order decided), judged `ties` (both orders even), `invalid`
+    (no verdict); `first_position_rate` over the pairs actually judged."""
+    judged = [r for r in results if r.valid and not r.identical]
+    rates = [r.first_position for r in judged]
+    return {
+        "pairs": len(results),
+        "identical": sum(r.identical for r in results),
+        "inconsistent": sum(r.inconsistent for r in judged),
+        "ties": sum(r.score == 0.5 and not r.inconsistent for r in judged),
+        "invalid": sum(not r.valid for r in results),
+        "first_position_rate": sum(rates) / len(rates) if rates else None,
+    }
 
 
 class PairwiseJudge(ABC):

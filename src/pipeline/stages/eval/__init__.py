@@ -34,7 +34,10 @@ Scorers (`scorers`):
   a dead endpoint is one line, before anything is generated. Every verdict is kept in
   `<answers_cache>/judge_verdicts.jsonl` as it arrives, so a rerun after a failure asks only what is
   missing (`judge_cached` counts the verdicts reused). A reply without a verdict is an invalid judgement,
-  counted (`invalid`) and left out; a reply that is not a chat completion is an error.
+  counted (`invalid`) and left out; a reply that is not a chat completion is an error. Each kind of pair is
+  counted once (`pipeline.judges.pair_diagnostics`): `identical` answers (a tie by rule, never judged,
+  with `judge_skip_identical`), `inconsistent` verdicts (the order decided: the answer shown first, or
+  second, won both times), judged `ties`, `invalid`; `first_position_rate` is over the judged pairs only.
 
 Writes to `output_dir`, each file under a temporary name then renamed: `eval.csv` (one row per model and
 prompt: pass counts, pass@k, reward, win-rate against the baseline), `eval.json` (the same rows, aggregates

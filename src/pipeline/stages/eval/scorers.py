@@ -14,6 +14,7 @@ from pipeline.judges import (
     PairwiseJudge,
     RewardModelJudge,
     judge_both_orders,
+    pair_diagnostics,
 )
 from pipeline.stages.eval.config import EvalConfig, PromptItem, needs_reward_model
 from pipeline.stages.eval.generation import torch_dtype
@@ -98,7 +99,7 @@ def pairwise(
             row: list[PairResult | None] = []
             for s, (a, b) in enumerate(zip(by_key[it.key], answers[baseline][it.key], strict=True)):
                 if skip_identical and a == b:
-                    row.append(PairResult(0.5, 0.5))
+                    row.append(PairResult(0.5, 0.5, identical=True))
                 else:
                     row.append(None)
                     slots.append((model, it, s, a, b))
@@ -139,13 +140,7 @@ def score_all(cfg, items, answers, baseline, judge):
     if pairs is not None:
         for model, by_key in pairs.items():
             results = [r for row in by_key.values() for r in row]
-            aggregates[model]["win_rate"].update(
-                baseline=baseline,
-                pairs=len(results),
-                invalid=sum(not r.valid for r in results),
-                ties=sum(r.score == 0.5 for r in results),
-                first_position_rate=mean_of([r.first_position for r in results]),
-            )
+            aggregates[model]["win_rate"].update(baseline=baseline, **pair_diagnostics(results))
     return rows, samples, aggregates, judge_stats
 
 
@@ -162,12 +157,7 @@ def _reward_model_judge(cfg) -> RewardModelJudge:
 
 def _judge_stats(cfg, judge, pairs) -> dict[str, Any]:
     all_pairs = [r for by_key in pairs.values() for row in by_key.values() for r in row]
-    stats = {
-        "judge": cfg.judge,
-        "judge_pairs": len(all_pairs),
-        "judge_invalid": sum(not r.valid for r in all_pairs),
-        "judge_first_position_rate": mean_of([r.first_position for r in all_pairs]),
-    }
+    stats = {"judge": cfg.judge, **{f"judge_{k}": v for k, v in pair_diagnostics(all_pairs).items()}}
     if isinstance(judge, OpenAIJudge):
         stats["judge_requests"] = judge.requests
         stats["judge_cached"] = judge.cached
