@@ -56,3 +56,22 @@ def test_a_resume_keeps_the_global_batch_and_the_sharded_process_count(tmp_path)
     with pytest.raises(PipelineError, match=r"saved by 8 processes under deepspeed, this run has 4"):
         check_process_layout(str(ds), _args(4, 4, 4, deepspeed="zero2.json"))
     check_process_layout(str(ds), _args(8, 4, 2, deepspeed="zero2.json"))
+
+
+def test_sizes_and_budgets_must_be_positive():
+    import pytest
+
+    from pipeline.configs import DataArguments, parse_stage_args
+    from pipeline.errors import PipelineError
+
+    for flag, value in (
+        ("--max_train_samples", "0"),
+        ("--max_eval_samples", "-3"),
+        ("--save_every_minutes", "0"),
+    ):
+        with pytest.raises(PipelineError, match=f"{flag[2:]} must be positive"):
+            parse_stage_args((DataArguments,), [flag, value], "sft")
+    (parsed,) = parse_stage_args(
+        (DataArguments,), ["--max_train_samples", "5", "--save_every_minutes", "30"], "sft"
+    )
+    assert parsed.max_train_samples == 5 and parsed.save_every_minutes == 30

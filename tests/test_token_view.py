@@ -158,3 +158,13 @@ def test_a_store_not_in_split_order_is_joined_by_uid(tmp_path, store, tokenizer)
 def test_logps_of_another_length_are_refused(tmp_path, store, tokenizer):
     with pytest.raises(PipelineError, match=r"response tokens here but \d+ stored logps"):
         tv.token_view(request(store, tmp_path, max_length=24), tokenizer)
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, store, tokenizer):
+    with pytest.raises(PipelineError, match=r"train-\d+\.parquet: no column 'nope' \(it has uid"):
+        read_prepared_split(store / "prepared", "rl", "train", ["uid", "nope"])
+    with pytest.raises(PipelineError, match="token_view_dir: cannot create '/proc/nope"):
+        tv.token_view(request(store, "/proc/nope"), tokenizer)
+    with pytest.raises(PipelineError, match="no column .missing."):
+        tv.token_view(request(store, tmp_path, response_key="missing"), tokenizer)
+    assert not (tmp_path / "token_views").exists() or not list((tmp_path / "token_views").rglob("part-*"))

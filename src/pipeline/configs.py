@@ -334,14 +334,28 @@ def parse_stage_args(dataclass_types: tuple, argv: list[str] | None, stage: str)
     parser = RecipeParser(dataclass_types, prog=f"pipeline {stage}")
     argv = list(argv or [])
     if "dry_run" not in parser.valid_keys() or not dry_run_requested(parser, argv):
-        return parser.parse(argv)
+        return refuse_non_positive(parser.parse(argv))
     from pipeline.training import dry_run_flags, dry_run_hardware_flags
 
     keys = set(parser.valid_keys())
     argv = [*argv, *dry_run_hardware_flags(keys)]
     parsed = parser.parse(argv)
     flags = dry_run_flags(parsed, keys, stage)
-    return RecipeParser(dataclass_types, prog=f"pipeline {stage}").parse([*argv, *flags])
+    return refuse_non_positive(RecipeParser(dataclass_types, prog=f"pipeline {stage}").parse([*argv, *flags]))
+
+
+POSITIVE_FIELDS = ("max_train_samples", "max_eval_samples", "save_every_minutes")
+
+
+def refuse_non_positive(parsed: tuple) -> tuple:
+    """Sizes and budgets that are set must be positive (0 rows, or a checkpoint every -1 minutes, would
+    train on nothing or never save without saying so)."""
+    for config in parsed:
+        for name in POSITIVE_FIELDS:
+            value = getattr(config, name, None)
+            if value is not None and value <= 0:
+                raise PipelineError(f"{name} must be positive, got {value} (leave it unset to turn it off)")
+    return parsed
 
 
 def dry_run_requested(parser: RecipeParser, argv: list[str]) -> bool:

@@ -193,7 +193,21 @@ def read_prepared_split(
     import pyarrow.parquet as pq
 
     files = prepared_shards(data_path, view, split)
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+    if not files:
+        return None
+    require_columns(files[0], columns)
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def require_columns(path: str | os.PathLike, columns: list[str]) -> None:
+    """One line naming the parquet file, the missing column and the ones it has."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise PipelineError(f"{path}: no column '{missing[0]}' (it has {', '.join(names)}); check the key "
+                            "naming it, or prepare the data again")  # fmt: skip
 
 
 def read_row_range(

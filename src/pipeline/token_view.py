@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data import prepared_shards, read_json_object, read_row_range
+from pipeline.data import prepared_shards, read_json_object, read_row_range, require_columns
 from pipeline.errors import PipelineError
 from pipeline.logp_store import MANIFEST, nonfinite_rows, prepare_manifest_sha256
 
@@ -280,7 +280,13 @@ def build_parts(request: ViewRequest, tokenizer, folder: Path, rank: int = 0, wo
     if request.logp_dir:
         in_order = store_in_split_order(request.logp_dir, request.data_path, request.split)
         store = StoredLogps(request.logp_dir, request.split, in_order)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(
+            f"token_view_dir: cannot create '{folder}' ({err.strerror}); give a writable "
+            "folder every process sees"
+        ) from None
     remove_dead_temp_files(folder)
     todo = [i for i in range(rank, parts, world) if not _part_path(folder, i).is_file()]
     built = 0
@@ -327,6 +333,7 @@ def token_view(request: ViewRequest, tokenizer, state=None) -> TokenView | None:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if not rows:
         return None
+    require_columns(files[0], ["uid", "prompt_pretokenized", request.response_key])
     identity = view_identity(request, tokenizer_fingerprint(tokenizer))
     folder = view_folder(request, identity)
     parts = -(-rows // request.part_rows)
