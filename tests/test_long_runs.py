@@ -58,6 +58,23 @@ def test_a_resume_keeps_the_global_batch_and_the_sharded_process_count(tmp_path)
     check_process_layout(str(ds), _args(8, 4, 2, deepspeed="zero2.json"))
 
 
+def test_deepspeed_from_an_accelerate_config_counts_as_deepspeed(tmp_path, monkeypatch):
+    """`accelerate launch --config_file deepspeed_zero2.yaml` leaves args.deepspeed unset: the environment
+    says DeepSpeed, and a checkpoint so saved is not resumed over another process count."""
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from pipeline.training.guard import write_complete_marker
+    from pipeline.training.resume import check_process_layout
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    write_complete_marker(folder, 2, _args(4, 2, 2))
+    with pytest.raises(PipelineError, match="saved by 4 processes under deepspeed, this run has 2"):
+        check_process_layout(str(folder), _args(2, 2, 4))
+
+
 def test_sizes_and_budgets_must_be_positive():
     import pytest
 

@@ -76,8 +76,8 @@ def pair_rows(data_path: str, split: str, view: TokenView) -> tuple[np.ndarray, 
 def _pair_chunk(view: TokenView, chosen: np.ndarray, rejected: np.ndarray, with_logps: bool,
                 ld_alpha: float | None, logp_dir: str | None, split: str, prompt_ids: np.ndarray) -> pa.Table:  # fmt: skip
     columns = ["uid", "input_ids", "prompt_len", "response_len"] + (["ref_logps"] if with_logps else [])
-    good = view.dataset.select_columns(columns)[chosen.tolist()]
-    bad = view.dataset.select_columns(columns)[rejected.tolist()]
+    needed = view.dataset.select_columns(columns)
+    good, bad = needed[chosen.tolist()], needed[rejected.tolist()]
     out: dict[str, list] = {name: [] for name in pair_schema(with_logps).names}
     out["prompt_id"], out["chosen_row"] = prompt_ids[chosen].tolist(), chosen.tolist()
     for i in range(len(chosen)):

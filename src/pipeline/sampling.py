@@ -84,7 +84,7 @@ def first_rows(dataset, n: int | None, data_seed: int = 0):
     what `max_train_samples` keeps, for every run seed alike."""
     if dataset is None or not n or n >= len(dataset):
         return dataset
-    table = dataset.data.table if dataset._indices is None else dataset.flatten_indices().data.table
+    table = dataset.with_format("arrow")[:]  # the rows as selected so far, as one Arrow table
     return dataset.select(nested_order(table, data_seed)[:n], keep_in_memory=True)
 
 

@@ -246,11 +246,6 @@ def arrow_file_writer(path: Path, schema: pa.Schema):
         tmp.unlink(missing_ok=True)
 
 
-def write_arrow_atomic(table: pa.Table, path: Path) -> None:
-    with arrow_file_writer(path, table.schema) as writer:
-        writer.write_table(table, max_chunksize=8192)
-
-
 def remove_dead_temp_files(folder: Path) -> None:
     """Temporary parts of killed builds on this machine (a live process's own are left alone)."""
     host = socket.gethostname()

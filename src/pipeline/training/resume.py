@@ -122,7 +122,11 @@ def resolve_resume(args, value: Any = None) -> str | None:
 
 def process_layout(args) -> dict:
     """Processes, engine and batch split of a run: what a resume must keep or may change."""
-    if getattr(args, "deepspeed", None):
+    # `accelerate launch` with a DeepSpeed or FSDP config says so in the environment, not in the args
+    if (
+        getattr(args, "deepspeed", None)
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ):
         engine = "deepspeed"
     elif getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         engine = "fsdp"

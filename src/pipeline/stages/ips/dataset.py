@@ -103,22 +103,25 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, respons
         )
     if view is None:
         return None, {}
-    positions = view.data.column("row").to_numpy()
-    columns = read_prepared_split(args.data_path, "rl", split, [args.reward_key, "prompt_id"])
-    rewards = columns.column(args.reward_key).to_numpy().astype(np.float64)[positions]
-    groups = columns.column("prompt_id").to_numpy()[positions]
+    # the view holds the split's first len(view) rows in order (all of them but in a dry run): row i is
+    # position i, so the reward and prompt-id columns line up by position
+    n = len(view)
+    columns = read_prepared_split(args.data_path, "rl", split, [args.reward_key, "prompt_id"]).slice(0, n)
+    raw_rewards = columns.column(args.reward_key).to_numpy().astype(np.float64)
+    groups = columns.column("prompt_id").to_numpy()
     del columns
-    counts: dict = {"rows": len(positions)}
+    counts: dict = {"rows": n}
     if folder is not None:
         counts.update(token_view=folder, token_view_reused=reused)
     has_logps = ~view.data.column("ref_logps").is_null().to_numpy()
     missing = int((~has_logps).sum())
     if missing and not args.skip_missing:
         first = view.data.column("uid")[int(np.flatnonzero(~has_logps)[0])].as_py()
-        raise PipelineError(f"{split}: {missing} of {len(positions)} rows have no stored logps (first uid {first!r}); "
+        raise PipelineError(f"{split}: {missing} of {n} rows have no stored logps (first uid {first!r}); "
                             "run `pipeline logp` on this data, or pass --skip_missing true")  # fmt: skip
     keep = has_logps.copy()
     counts["skipped_missing_logps"] = missing
+    rewards = raw_rewards
     if args.datafilter == "posonly":
         keep &= rewards > args.pos_threshold
     elif args.datafilter == "negonly":
@@ -132,25 +135,16 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, respons
             f"{split}: no rows left to train on after {reward_options(args)} (counts: {counts})"
         )
     if split == "train" and np.all(np.abs(rewards[rows]) <= NO_SIGNAL):
-        raw = columns_reward(args, split)[positions[rows]]
-        raise PipelineError(no_signal_message(args, raw, len(rows)))
+        raise PipelineError(no_signal_message(args, raw_rewards[rows], len(rows)))
     limit = args.max_train_samples if split == "train" else args.max_eval_samples
     if limit and limit < len(rows):  # nested and prompt by prompt, the same rows for every run seed
-        rows = rows[nested_ids_order(groups[rows], positions[rows])[:limit]]
+        rows = rows[nested_ids_order(groups[rows], rows)[:limit]]
         counts[f"limited_to_max_{split}_samples"] = int(limit)
     counts["used_rows"] = len(rows)
     dataset = view.select(rows, keep_in_memory=True).select_columns(
         ["row", "input_ids", "prompt_len", "ref_logps"]
     )
-    by_row = np.zeros(int(positions.max()) + 1, dtype=np.float64)
-    by_row[positions] = rewards
-    return with_rewards(dataset, by_row), counts
-
-
-def columns_reward(args: IPSConfig, split: str) -> np.ndarray:
-    """The split's reward column as read (before any baseline), for the no-signal message."""
-    table = read_prepared_split(args.data_path, "rl", split, [args.reward_key])
-    return table.column(args.reward_key).to_numpy().astype(np.float64)
+    return with_rewards(dataset, rewards), counts
 
 
 class IPSCollator:

@@ -15,7 +15,12 @@ from pipeline.runinfo import RunInfo, metrics_logging_callback, setup_logging, s
 from pipeline.stages.ips.config import IPSConfig
 from pipeline.stages.ips.dataset import IPSCollator, build_dataset, stored_logps
 from pipeline.stages.ips.trainer import IPSTrainer, MismatchCheck, starts_from_reference
-from pipeline.training import keep_bnb_4bit_trainable_on_cpu, refuse_resuming_another_run, train_evaluate_save
+from pipeline.training import (
+    keep_bnb_4bit_trainable_on_cpu,
+    model_init_kwargs,
+    refuse_resuming_another_run,
+    train_evaluate_save,
+)
 
 logger = logging.getLogger("pipeline.ips")
 
@@ -71,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = RunInfo(args.output_dir, "ips", (args, model_args), args.seed)
 
     quantization_config = get_quantization_config(model_args)
-    args.model_init_kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
-                              **(args.model_init_kwargs or {})}  # fmt: skip
+    args.model_init_kwargs = model_init_kwargs(model_args, args)
     loss_config = IPSLossConfig(args.loss_type, args.is_clip_min, args.is_clip_max, args.kl_coef,
                                 args.kl_estimator, args.kl_neg_discount)  # fmt: skip
     trainer = IPSTrainer(
