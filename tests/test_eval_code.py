@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import pytest
 
-from pipeline import cli
+from pipeline import cli, stats
 from pipeline.errors import PipelineError
 from pipeline.stages import eval_code
 from pipeline.stages.eval_code import main
@@ -212,3 +212,32 @@ def test_results_file_is_replaced_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s.jsonl_results.jsonl"]
     eval_code._write_jsonl_atomic(target, [{"ok": 1}])
     assert target.read_text() == '{"ok": 1}\n'
+
+
+def test_greedy_pass_at_1_gets_wilson_intervals_that_do_not_collapse(tmp_path, capsys):
+    """0/52 correct is 0–0.069 at 95% (Wilson), not the bootstrap's "0.000–0.000"; at 41/52 the interval is
+    Wilson's, by hand; several samples per problem (fractional per-problem values) get a bootstrap."""
+    # Wilson by hand: center (p + z²/2n)/(1 + z²/n), half z·sqrt(p(1-p)/n + z²/4n²)/(1 + z²/n)
+    z = 1.959963984540054
+    for c, n in ((0, 52), (41, 52), (3, 10), (52, 52)):
+        p, d = c / n, 1 + z * z / n
+        center, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+        low, high = stats.wilson_interval(c, n)
+        assert (low, high) == pytest.approx((max(0, center - half), min(1, center + half)), abs=1e-12)
+    assert stats.wilson_interval(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-4)  # the textbook values
+    none_right = estimate_pass_at_k({f"p{i}": (1, 0) for i in range(52)}, [1])
+    assert none_right["pass@1"] == 0.0 and none_right["pass@1_interval"] == "wilson"
+    assert none_right["pass@1_ci_low"] == 0.0 and none_right["pass@1_ci_high"] == pytest.approx(
+        0.0688, abs=1e-4
+    )
+    some = estimate_pass_at_k({f"p{i}": (1, int(i < 41)) for i in range(52)}, [1])
+    assert (some["pass@1_ci_low"], some["pass@1_ci_high"]) == pytest.approx(stats.wilson_interval(41, 52))
+    several = estimate_pass_at_k({"a": (4, 1), "b": (4, 3), "c": (4, 4)}, [1, 2], resamples=500)
+    assert several["pass@1_interval"] == several["pass@2_interval"] == "bootstrap"
+    assert several["pass@1_ci_low"] <= several["pass@1"] <= several["pass@1_ci_high"]
+    # eval-code prints the interval and names it
+    problems = _write_jsonl(tmp_path / "problems.jsonl", [TOY])
+    samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": "toy/0", "completion": WRONG}])
+    summary = main(["--samples", samples, "--problems", problems, "--k", "1"])
+    assert (summary["pass@1"], summary["pass@1_ci_low"]) == (0.0, 0.0) and summary["pass@1_ci_high"] > 0.7
+    assert "pass@1: 0.0000 [0.0000, 0.7935] (Wilson 95%, 1 problems)" in capsys.readouterr().err

@@ -122,7 +122,12 @@ def test_sweep_report_numbers_figures_and_tables(sweep, tmp_path, capsys):
             )
     # zero-training point from eval_reward_before, at x = 0
     zero = _by(result, "eval_reward", "ppo")[0.0]
-    assert zero["before_training"] and zero["mean"] == pytest.approx(0.25) and zero["n"] == 9
+    assert (
+        zero["before_training"]
+        and zero["mean"] == pytest.approx(0.25)
+        and zero["n"] == 3
+        and zero["measurements"] == 9
+    )
     assert result["baselines"] == {"SFT": {"pass@1": 0.46}}
 
     # runs.csv: one row per run (eval: per model), the runs' own numbers
@@ -287,3 +292,44 @@ def test_cli_prints_one_line_error_and_exit_2(tmp_path, monkeypatch, capsys):
     write_run(tmp_path / "sft", "sft", {"eval_loss": 0.5})
     assert cli.main(["report", str(tmp_path)]) == 0
     assert "figure: " in capsys.readouterr().out
+
+
+def test_before_point_is_averaged_per_seed_and_single_runs_keep_their_own_interval(tmp_path):
+    """7 sizes x 3 seeds log the same starting model 21 times: that is 3 observations (one per seed), so the
+    interval is the t-interval of the 3 seed means, not of 21 values (~6.5x too narrow). A point of one run
+    shows the run's own Wilson interval over its prompts, and the caption and title say which is which."""
+    runs = tmp_path / "runs"
+    sizes, before = (1000, 2000, 4000, 8000, 16000, 32000, 64000), {0: 0.20, 1: 0.30, 2: 0.28}
+    for size in sizes:
+        for seed in SEEDS:
+            write_run(runs / f"size{size}_seed{seed}" / "dpo", "dpo",
+                      {"win_rate": 0.5 + size / 1e6 + 0.01 * seed, "win_rate_before": before[seed]},
+                      seed=seed, config={"train_size": size})  # fmt: skip
+    result = main([str(runs), "--metrics", "win_rate", "--x", "train_size"])
+    zero = _by(result, "win_rate", "dpo")[0.0]
+    mean, half = stats.mean_ci(list(before.values()))
+    assert zero["before_training"] and (zero["n"], zero["measurements"]) == (3, 21)
+    assert zero["mean"] == pytest.approx(mean) and zero["ci95"] == pytest.approx(half, rel=1e-9)
+    assert half == pytest.approx(T_975[2] * statistics.stdev(before.values()) / math.sqrt(3), rel=1e-9)
+    md = (runs / "report" / "summary.md").read_text()
+    assert "averaged per seed before the interval (n: seeds)" in md and "Student-t interval over seeds" in md
+
+    # one eval run (one seed): each model's point is that run, with its own Wilson interval over 52 prompts
+    single = tmp_path / "single" / "eval"
+    metrics = {"num_prompts": 52}
+    for model, correct in (("base", 0), ("sft", 41)):
+        low, high = stats.wilson_interval(correct, 52)
+        metrics |= {f"{model}/pass@1": correct / 52, f"{model}/pass@1_ci_low": low,
+                    f"{model}/pass@1_ci_high": high, f"{model}/pass@1_interval": "wilson"}  # fmt: skip
+    write_run(single, "eval", metrics, config={"models": ["a", "b"], "model_names": ["base", "sft"]})
+    result = main([str(single.parent), "--metrics", "pass@1"])
+    by = {a["group"]: a for a in result["aggregates"]}
+    assert by["base"]["interval"] == "wilson over prompts" and by["base"]["n_prompts"] == 52
+    assert (by["base"]["ci_low"], by["base"]["ci_high"]) == pytest.approx((0.0, 0.0688), abs=1e-4)
+    assert by["sft"]["ci_high"] == pytest.approx(stats.wilson_interval(41, 52)[1])
+    md = (single.parent / "report" / "summary.md").read_text()
+    assert "a single run's own 95% Wilson score interval (0/1 per prompt) over its 52 prompts" in md
+    assert "t-interval" not in md and "Student-t" not in md
+    assert f"| sft | 1 | 0.788 [{by['sft']['ci_low']:.3f}, {by['sft']['ci_high']:.3f}] |" in md
+    note = report.interval_note(result["aggregates"])
+    assert note == "one run per point: its 95% Wilson interval over 52 prompts"

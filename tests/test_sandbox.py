@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.sandbox import (
     MAX_OUTPUT_CHARS,
+    AssertTests,
     ExecResult,
     HumanEvalTest,
     Limits,
@@ -588,3 +589,47 @@ def test_strip_code_fence(text, expected):
 def test_stripped_fenced_program_runs():
     res = run_tests(strip_code_fence(f"```python\n{ADD_ONE}```"), ["assert f(2) == 3"])
     assert res.status == "passed"
+
+
+# --------------------------------------------------------------------------------- sandbox failures
+
+
+def test_a_sandbox_that_cannot_start_is_retried_then_an_error(monkeypatch):
+    """A sandbox failure is never scored as the program's: retried in a fresh sandbox, then an error."""
+    from pipeline.sandbox import SandboxUnavailable, runner
+
+    real_popen, calls = runner.subprocess.Popen, {"n": 0, "fail": 1}
+
+    def flaky_popen(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= calls["fail"]:
+            raise OSError("no process slots left")
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "Popen", flaky_popen)
+    res = run_tests(ADD_ONE, ["assert f(1) == 2"])
+    assert (res.status, res.passed, calls["n"]) == ("passed", 1, 2)
+
+    calls.update(n=0, fail=10**6)
+    with pytest.raises(SandboxUnavailable, match="could not run a program 3 times.*no process slots left"):
+        run_tests(ADD_ONE, ["assert f(1) == 2"])
+    assert calls["n"] == 3
+    calls.update(n=0)
+    with pytest.raises(SandboxUnavailable):
+        run_many([(ADD_ONE, ["assert f(1) == 2"])] * 2, workers=1)
+
+
+def test_a_candidate_that_cannot_enter_its_jail_is_the_sandboxs_failure(monkeypatch):
+    """The candidate says it is in its jail before the program loads; without that word the execution is
+    the sandbox's failure ("error"), not a program that crashed while loading."""
+    from pipeline.sandbox.runner import Sandbox
+
+    monkeypatch.setenv("PIPELINE_SANDBOX_ISOLATION", "basic")
+    sandbox = Sandbox(False, Limits(), 5.0)
+    work = os.path.join(os.path.dirname(sandbox.out_path), "work-candidate")
+    os.rmdir(work)  # the candidate's chdir into it fails: a set-up failure, before any program exists
+    res = sandbox.run(ADD_ONE, AssertTests(("assert f(1) == 2",)))
+    assert res.status == "error" and "could not enter its sandbox" in res.error, res
+    # a program that ends itself while loading is still the program's failure
+    res = run_tests("import os\nos._exit(0)\n", ["assert f(1) == 2"])
+    assert (res.status, res.error) == ("crashed", "the candidate process ended while loading the program")

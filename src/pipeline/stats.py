@@ -1,5 +1,6 @@
-"""Statistics the stages print: pass@k (the unbiased estimator), seeded bootstrap intervals over prompts,
-and Student-t intervals over seeds. Pure functions, no model code."""
+"""Statistics the stages print: pass@k (the unbiased estimator); 95% intervals over problems — Wilson's
+score interval when every problem's value is 0 or 1 (greedy pass@1), else a seeded percentile bootstrap
+over prompts — and Student-t intervals over seeds. Pure functions, no model code."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int]) -> dict[str, Any]:
+def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int], resamples: int = 1000,
+                       seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """``pass@k`` averaged over every problem evaluated, for each k every problem has samples for: all the
     reported ks describe the same problems. A k above the smallest sample count is not reported (None) and
-    ``not_reported`` says why; ``problems`` is how many were evaluated."""
+    ``not_reported`` says why; ``problems`` is how many were evaluated. Each reported k has its 95% interval
+    over problems (``pass@k_ci_low``/``_ci_high``, ``pass@k_interval``: Wilson when each problem's pass@k is
+    0 or 1, as with one sample each, else a bootstrap of ``resamples`` seeded by ``seed``)."""
     out: dict[str, Any] = {}
     not_reported: dict[str, str] = {}
     fewest = min((n for n, _ in counts.values()), default=0)
@@ -39,7 +43,10 @@ def estimate_pass_at_k(counts: dict[str, tuple[int, int]], ks: Sequence[int]) ->
             not_reported[f"pass@{k}"] = (f"{short} of {len(counts)} problems have fewer than {k} samples (the "
                                          f"fewest: {fewest}); every pass@k is over the same problems") if counts else "no problems"  # fmt: skip
             continue
-        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+        agg = interval_over_problems([pass_at_k(n, c, k) for n, c in counts.values()], resamples, seed, k)
+        out[f"pass@{k}"] = agg["mean"]
+        out.update({f"pass@{k}_ci_low": agg["ci_low"], f"pass@{k}_ci_high": agg["ci_high"],
+                    f"pass@{k}_interval": agg["interval"]})  # fmt: skip
     out["problems"] = len(counts)
     out["not_reported"] = not_reported
     return out
@@ -78,6 +85,41 @@ def bootstrap(values: list[float | None], resamples: int, *seed_parts: Any) -> d
     return out
 
 
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for a binomial proportion ``successes / n`` (95% by default).
+
+    center = (p + z²/2n) / (1 + z²/n), half = z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n). Unlike a bootstrap it
+    does not collapse at 0/n or n/n (0 of 52: 0–0.069), and it keeps its coverage at small n.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"a Wilson interval needs 0 <= successes <= n and n >= 1, got {successes}/{n}")
+    p, z2 = successes / n, z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def interval_over_problems(values: list[float | None], resamples: int, *seed_parts: Any) -> dict[str, Any]:
+    """Mean of the non-None per-problem values and its 95% interval, naming the method in ``interval``:
+    "wilson" when every value is 0 or 1 (each problem a Bernoulli draw), else "bootstrap" over prompts
+    (seeded; ``resamples`` 0: no interval, ``interval`` None)."""
+    kept = [v for v in values if v is not None]
+    if kept and all(v in (0, 1) for v in kept):
+        low, high = wilson_interval(int(sum(kept)), len(kept))
+        return {"mean": sum(kept) / len(kept), "ci_low": low, "ci_high": high, "n": len(kept),
+                "interval": "wilson"}  # fmt: skip
+    out = bootstrap(kept, resamples, *seed_parts)
+    out["interval"] = "bootstrap" if out["ci_low"] is not None else None
+    return out
+
+
+INTERVAL_NAMES = {"wilson": "Wilson 95%", "bootstrap": "bootstrap 95% over prompts", None: "no interval"}
+
+
 def _t_central_mass(t: float, df: int) -> float:
     """P(|T| <= t) for Student's t with integer df (closed form, Abramowitz & Stegun 26.7.3-4)."""
     theta = math.atan(t / math.sqrt(df))
@@ -111,6 +153,15 @@ def t_critical(df: int, level: float = 0.95) -> float:
         else:
             hi = mid
     return (lo + hi) / 2
+
+
+def per_seed_means(values: list[float], seeds: list[Any]) -> tuple[list[float], list[Any]]:
+    """The mean of the values of each seed (in first-seen order): repeated measurements of one seed's
+    starting point (a `*_before` value logged by every size of a sweep) are one observation, not many."""
+    by_seed: dict[Any, list[float]] = {}
+    for value, seed in zip(values, seeds, strict=True):
+        by_seed.setdefault(seed, []).append(value)
+    return [sum(v) / len(v) for v in by_seed.values()], list(by_seed)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:

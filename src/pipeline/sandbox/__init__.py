@@ -21,6 +21,12 @@ the program's own interpreter: objects whose `__eq__`/ordering/hash always agree
   candidate prints, writes or how it exits never reaches the verdict. The candidate is forked before the
   checks are read, so it never holds the tests or the expected outputs.
 
+**A sandbox failure is not the program's.** The candidate says it reached its jail before the program is
+loaded (so the program can neither forge nor withhold it); a sandbox that could not start, build its jail,
+put the candidate in it or run the checker reports status "error". The run functions retry it in a fresh
+sandbox, 3 attempts in all, then raise `SandboxUnavailable`: such a sample is never scored as a failure.
+(A checker that ends without a verdict stays "crashed": in the basic tier the candidate can kill it.)
+
 Problem formats (`problems.py`, detected from a record's fields): HumanEval (`prompt`, `test`,
 `entry_point`: `HumanEvalTest`), MBPP (`text`, `code`, `test_list`, `test_setup_code`) and the synthetic task
 (`tests`): `AssertTests`, the function names taken from the tests; stdin/stdout (`inputs`/`outputs`, or
@@ -63,6 +69,7 @@ from pipeline.sandbox.checks import (
     ExecResult,
     HumanEvalTest,
     Limits,
+    SandboxUnavailable,
     StdioTests,
     as_check,
 )
@@ -78,6 +85,7 @@ __all__ = [
     "HumanEvalTest",
     "Isolation",
     "Limits",
+    "SandboxUnavailable",
     "StdioTests",
     "as_check",
     "code_fence_span",

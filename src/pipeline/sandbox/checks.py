@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.errors import PipelineError
+
 MAX_OUTPUT_CHARS = 4096
+
+
+class SandboxUnavailable(PipelineError):
+    """The sandbox failed to run a program on every attempt: nothing can be scored until it works."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,9 @@ class ExecResult:
     """Outcome of one execution, as the checker decided it.
 
     ``status``: "passed" (every test passed), "failed" (some test failed), "timeout" (the wall-clock limit was
-    hit: tests after it count as failed) or "crashed" (the program did not load, or the sandbox could not
-    run it). ``passed``/``total``: tests (HumanEval: 1). ``failed_tests``: indices of the tests that failed.
+    hit: tests after it count as failed), "crashed" (the program did not load, or the checker got no
+    verdict) or "error" (the sandbox itself could not run it: start, jail or checker failed — never the
+    program's doing; the public run functions retry it and then raise `SandboxUnavailable`). ``passed``/``total``: tests (HumanEval: 1). ``failed_tests``: indices of the tests that failed.
     ``error`` is a one-line reason (the first failure: the failing line, or the input and the wrong output)
     and ``elapsed`` the wall-clock seconds; these three do not take part in ``==``. stdout/stderr are the
     candidate's and the test code's output, truncated: shown to people, never read for the verdict.

@@ -293,6 +293,15 @@ class Channel:
         self.req_fd, self.resp_fd, self.deadline = req_fd, resp_fd, deadline
         self.dead, self.timed_out, self.calls, self.failures = "", False, 0, []
 
+    def entered(self) -> str:
+        """'' when the candidate reached its jail (it says so before it loads the program, so the program
+        cannot take it back), else why not: the sandbox, not the program, failed."""
+        try:
+            answer = receive(self.resp_fd, self.deadline)
+        except (Timeout, Closed, OSError, ValueError, TypeError, RecursionError) as e:
+            return "the candidate could not enter its sandbox" + (f" ({describe(e)})" if str(e) else "")
+        return "" if answer.get("entered") is True else "the candidate could not enter its sandbox"
+
     def ready(self) -> str:
         """'' when the program loaded, else why not."""
         try:
@@ -442,7 +451,11 @@ def _import_free_modules(ns, names) -> None:
 
 
 def _not_loaded(channel: Channel, total: int) -> dict | None:
-    """The report when the candidate's program did not load (None when it did)."""
+    """The report when the candidate's program did not load (None when it did); a candidate that never
+    reached its jail is the sandbox's failure, reported as such."""
+    not_entered = channel.entered()
+    if not_entered:
+        return {"setup_error": not_entered}
     error = channel.ready()
     if not error:
         return None
@@ -764,6 +777,7 @@ def main() -> None:
         except BaseException as e:
             print(f"sandbox setup failed: {describe(e)}", file=sys.stderr)
             os._exit(125)
+        send(resp_w, {"entered": True})  # before the program exists: it cannot forge or withhold this
         sys.path.extend(p for p in cfg["site_paths"] if p not in sys.path)  # started with -S
         serve(job["program"], req_r, resp_w, bool(job.get("whole")))
         _flush_and_exit(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -16,7 +17,7 @@ from pipeline.sandbox.checks import (
     StdioTests,
     as_check,
 )
-from pipeline.sandbox.runner import Sandbox, execute, isolation
+from pipeline.sandbox.runner import SANDBOX_ATTEMPTS, Sandbox, execute, isolation, run_in_sandboxes
 
 
 class _WarmPool:
@@ -35,14 +36,20 @@ class _WarmPool:
             self.left -= 1
             self.ready.append(Sandbox(*self.args))
 
-    def run(self, program: str, check: Check) -> ExecResult:
+    def _take(self) -> Sandbox:
         with self.lock:
             sandbox = self.ready.pop(0) if self.ready else None
             if sandbox is None:
                 self.left -= 1
             else:
                 self._start()
-        return (sandbox or Sandbox(*self.args)).run(program, check)
+        return sandbox or Sandbox(*self.args)
+
+    def run(self, program: str, check: Check) -> ExecResult:
+        # a failed sandbox is replaced by a freshly started one, not another warm one started alongside it
+        first = self._take()
+        retries = (Sandbox(*self.args) for _ in range(SANDBOX_ATTEMPTS - 1))
+        return run_in_sandboxes(itertools.chain([first], retries), program, check)
 
     def close(self) -> None:
         with self.lock:

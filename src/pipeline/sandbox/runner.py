@@ -25,6 +25,7 @@ from pipeline.sandbox.checks import (
     Check,
     ExecResult,
     Limits,
+    SandboxUnavailable,
     StdioTests,
     checks_payload,
     total_checks,
@@ -147,7 +148,8 @@ def _probe(mode: str) -> Isolation:
     outside = os.path.join(tempfile.gettempdir(), f"sandbox-probe-{secrets.token_hex(8)}")
     test = f"assert probe({os.readlink('/proc/self/ns/net')!r}, {outside!r}, {HARNESS!r}) == 'contained'"
     try:
-        res = execute(_PROBE_PROGRAM, AssertTests((test,)), 20.0, Limits(), namespaces=True)
+        # one attempt, no retries: a namespace sandbox that cannot start is exactly what the probe asks about
+        res = Sandbox(True, Limits(), 20.0).run(_PROBE_PROGRAM, AssertTests((test,)))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(outside)
@@ -311,7 +313,7 @@ class Sandbox:
         start = time.monotonic()
         try:
             if self.proc is None:
-                return ExecResult("crashed", 0, total, "", "", self.start_error)
+                return ExecResult("error", 0, total, "", "", self.start_error)
             with contextlib.suppress(OSError):  # a harness that died in set-up reports why below
                 send(self.job_w, {"program": program, "whole": isinstance(check, StdioTests)})
                 send(self.job_w, checks_payload(check))
@@ -366,7 +368,7 @@ def _result(result: dict | None, finished: bool, total: int, stdout: str, stderr
         return ExecResult("crashed", 0, total, stdout, stderr, "the checker reported no verdict", elapsed)
     if "setup_error" in result:
         logger.warning("sandbox setup failed: %s", result["setup_error"])
-        return ExecResult("crashed", 0, total, stdout, stderr, f"sandbox setup failed: {result['setup_error']}",
+        return ExecResult("error", 0, total, stdout, stderr, f"sandbox setup failed: {result['setup_error']}",
                           elapsed)  # fmt: skip
     passed, error = result["passed"], str(result.get("error", ""))
     failed = result.get("failed")
@@ -381,9 +383,32 @@ def _result(result: dict | None, finished: bool, total: int, stdout: str, stderr
     return ExecResult(status, passed, total, stdout, stderr, error, elapsed, failed_tests)
 
 
+SANDBOX_ATTEMPTS = 3  # a sandbox that could not run a program is replaced this many times in all
+
+
+def run_in_sandboxes(sandboxes, program: str, check: Check) -> ExecResult:
+    """Run in the first sandbox ``sandboxes`` yields; when the sandbox itself failed (status "error": it
+    could not start, set up its jail or run the checker), in a fresh one, up to `SANDBOX_ATTEMPTS` in all.
+    Then `SandboxUnavailable`: a sandbox failure is never scored as the program's."""
+    for attempt, sandbox in enumerate(sandboxes, 1):
+        result = sandbox.run(program, check)
+        if result.status != "error":
+            return result
+        logger.warning("sandbox attempt %d/%d failed: %s", attempt, SANDBOX_ATTEMPTS, result.error)
+        if attempt >= SANDBOX_ATTEMPTS:
+            break
+    raise SandboxUnavailable(
+        f"the sandbox could not run a program {SANDBOX_ATTEMPTS} times in a row (last: {result.error}); "
+        "nothing was scored — fix the sandbox (see `pipeline.sandbox`), or set "
+        "PIPELINE_SANDBOX_ISOLATION=basic where namespaces cannot work"
+    )
+
+
 def execute(program: str, check: Check, timeout: float, limits: Limits, namespaces: bool) -> ExecResult:
-    """One execution in a sandbox started for it."""
-    return Sandbox(namespaces, limits, timeout).run(program, check)
+    """One execution in a sandbox started for it (a fresh one again if the sandbox failed)."""
+    return run_in_sandboxes(
+        (Sandbox(namespaces, limits, timeout) for _ in range(SANDBOX_ATTEMPTS)), program, check
+    )
 
 
 # ------------------------------------------------------------------------------------------------ public API

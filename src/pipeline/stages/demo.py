@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
+from pipeline.stats import INTERVAL_NAMES
 
 DEMO_FILE = Path(__file__).resolve().parent.parent / "demo.yaml"
 FAST = {
@@ -36,7 +37,7 @@ POLICIES = ("base", "sft", "ips", "dpo", "ppo")
 
 
 def pass_at_1_table(output_dir: Path) -> list[dict]:
-    """One row per stage from the eval stage's run.json: pass@1 and its bootstrap 95% interval."""
+    """One row per stage from the eval stage's run.json: pass@1, its 95% interval and which interval."""
     info_path = output_dir / "eval" / "run.json"
     if not info_path.is_file():
         raise PipelineError(f"{info_path}: missing; the eval stage did not complete")
@@ -46,22 +47,26 @@ def pass_at_1_table(output_dir: Path) -> list[dict]:
         if f"{name}/pass@1" in metrics:
             rows.append({"stage": name, "pass@1": metrics[f"{name}/pass@1"],
                          "ci_low": metrics.get(f"{name}/pass@1_ci_low"),
-                         "ci_high": metrics.get(f"{name}/pass@1_ci_high")})  # fmt: skip
+                         "ci_high": metrics.get(f"{name}/pass@1_ci_high"),
+                         "interval": metrics.get(f"{name}/pass@1_interval"),
+                         "n": metrics.get("num_prompts")})  # fmt: skip
     return rows
 
 
 def write_table(rows: list[dict], output_dir: Path, num_prompts: int) -> tuple[Path, Path]:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["stage", "pass@1", "ci_low", "ci_high"])
+    writer = csv.DictWriter(buffer, fieldnames=["stage", "pass@1", "ci_low", "ci_high", "interval", "n"])
     writer.writeheader()
     writer.writerows(rows)
     csv_path, md_path = output_dir / "pass_at_1.csv", output_dir / "pass_at_1.md"
     atomic_write_text(csv_path, buffer.getvalue())
-    lines = [f"Greedy pass@1 on {num_prompts} held-out synthetic problems (bootstrap 95% interval)", "",
-             "| stage | pass@1 | 95% interval |", "|---|---:|---|"]  # fmt: skip
+    methods = sorted({INTERVAL_NAMES[row["interval"]] for row in rows})
+    lines = [f"Greedy pass@1 on {num_prompts} held-out synthetic problems (n = {num_prompts} per stage; "
+             f"interval: {', '.join(methods) or 'none'})", "",
+             "| stage | pass@1 | n | 95% interval |", "|---|---:|---:|---|"]  # fmt: skip
     for row in rows:
         interval = "" if row["ci_low"] is None else f"{row['ci_low']:.3f}–{row['ci_high']:.3f}"
-        lines.append(f"| {row['stage']} | {row['pass@1']:.3f} | {interval} |")
+        lines.append(f"| {row['stage']} | {row['pass@1']:.3f} | {row['n']} | {interval} |")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 

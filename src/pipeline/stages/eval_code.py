@@ -14,7 +14,11 @@ complete. The last line on stdout is a JSON object with ``pass@k`` for every k.
 
 pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem (n samples, c correct), averaged
 over every problem evaluated, so all the reported ks describe the same problems. A k above the smallest
-number of samples a problem has is not reported (null), and ``not_reported`` says why.
+number of samples a problem has is not reported (null), and ``not_reported`` says why. Each pass@k comes
+with a 95% interval over problems (``pass@k_ci_low``/``_ci_high``; ``pass@k_interval`` names it): Wilson's
+score interval when every problem's value is 0 or 1 (one sample each), else a seeded percentile bootstrap
+over problems. A sample the sandbox itself could not run is retried, then the run stops with an error: it
+is never counted as the model's failure.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.sandbox import ExecResult, Limits, isolation, run_many
 from pipeline.sandbox.problems import check_for, program_for
-from pipeline.stats import estimate_pass_at_k
+from pipeline.stats import INTERVAL_NAMES, estimate_pass_at_k
 
 SAMPLE_KEYS = ("task_id", "completion")
 
@@ -219,6 +223,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         limits=Limits(memory_bytes=args.memory_mb * 2**20),
     )
     print(f"problems evaluated: {summary['problems']} ({summary['num_samples']} samples)", file=sys.stderr)
+    for k in args.k:
+        if summary.get(f"pass@{k}") is not None and summary.get(f"pass@{k}_ci_low") is not None:
+            how = INTERVAL_NAMES[summary[f"pass@{k}_interval"]]
+            print(f"pass@{k}: {summary[f'pass@{k}']:.4f} [{summary[f'pass@{k}_ci_low']:.4f}, "
+                  f"{summary[f'pass@{k}_ci_high']:.4f}] ({how}, {summary['problems']} problems)", file=sys.stderr)  # fmt: skip
     for key, why in summary["not_reported"].items():
         print(f"{key}: not reported: {why}", file=sys.stderr)
     print(f"results: {summary['results']}", file=sys.stderr)

@@ -41,7 +41,9 @@ Scorers (`scorers`):
 
 Writes to `output_dir`, each file under a temporary name then renamed: `eval.csv` (one row per model and
 prompt: pass counts, pass@k, reward, win-rate against the baseline), `eval.json` (the same rows, aggregates
-with bootstrap 95% intervals over prompts, seeded by `seed`, judge statistics, model fingerprints),
+with 95% intervals over prompts — Wilson's score interval where every prompt's value is 0 or 1 (greedy
+pass@1), else a percentile bootstrap seeded by `seed`; each aggregate names its `interval` — judge
+statistics, model fingerprints),
 `eval_samples.parquet` (every answer with its scores), `run.json` and `run.log`. `report_to: wandb` logs the
 aggregates and the per-prompt table to W&B (offline unless WANDB_API_KEY is set). Bad input (no prompt
 column, a model folder that does not exist, k > num_samples, ...) is one line before anything is written.

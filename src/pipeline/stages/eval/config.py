@@ -175,7 +175,12 @@ class EvalConfig:
         metadata={"help": "Score two identical answers as a tie without asking the judge."},
     )
     bootstrap_samples: int = field(
-        default=1000, metadata={"help": "Bootstrap resamples of the prompts for 95%% intervals (0: none)."}
+        default=1000,
+        metadata={
+            "help": "Bootstrap resamples of the prompts for the 95%% intervals of metrics that are not 0/1 per "
+            "prompt (win rate, reward, pass@k over several samples; 0: none). 0/1 metrics get "
+            "Wilson's interval."
+        },
     )
     report_to: str = field(
         default="none",

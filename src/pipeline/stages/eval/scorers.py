@@ -19,7 +19,7 @@ from pipeline.judges import (
 from pipeline.stages.eval.config import EvalConfig, PromptItem, needs_reward_model
 from pipeline.stages.eval.generation import torch_dtype
 from pipeline.stages.eval.write import mean_of
-from pipeline.stats import bootstrap, pass_at_k_of
+from pipeline.stats import interval_over_problems, pass_at_k_of
 
 logger = logging.getLogger("pipeline.eval")
 
@@ -114,7 +114,8 @@ def pairwise(
 
 
 def score_all(cfg, items, answers, baseline, judge):
-    """(per-prompt rows, per-answer rows, model -> metric -> bootstrap summary, judge statistics)."""
+    """(per-prompt rows, per-answer rows, model -> metric -> mean and 95% interval, judge statistics).
+    Intervals are over prompts: Wilson's where each prompt's value is 0 or 1, else a bootstrap."""
     code = score_code(items, answers, cfg) if "code" in cfg.scorers else None
     rm_judge = _reward_model_judge(cfg) if needs_reward_model(cfg) else None
     rewards: dict[str, dict[str, list[float]]] = {}
@@ -132,7 +133,7 @@ def score_all(cfg, items, answers, baseline, judge):
     rows, samples, series = _per_prompt_rows(cfg, items, answers, baseline, code, rewards, pairs)
     aggregates = {
         model: {
-            name: bootstrap(values, cfg.bootstrap_samples, cfg.seed, model, name)
+            name: interval_over_problems(values, cfg.bootstrap_samples, cfg.seed, model, name)
             for name, values in by.items()
         }
         for model, by in series.items()

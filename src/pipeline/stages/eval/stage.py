@@ -19,6 +19,7 @@ from pipeline.stages.eval.generation import answers_for, model_fingerprint, samp
 from pipeline.stages.eval.prompts import load_prompts
 from pipeline.stages.eval.scorers import build_judge, score_all
 from pipeline.stages.eval.write import log_to_tracker, write_outputs
+from pipeline.stats import INTERVAL_NAMES
 
 logger = logging.getLogger("pipeline.eval")
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 metrics[f"{model}/{name}"] = agg["mean"]
                 metrics[f"{model}/{name}_ci_low"] = agg["ci_low"]
                 metrics[f"{model}/{name}_ci_high"] = agg["ci_high"]
+                metrics[f"{model}/{name}_interval"] = agg["interval"]
         metrics.update(judge_stats)
         write_outputs(cfg, output_dir, specs, items, per_prompt, samples, aggregates, judge_stats, baseline)
     except BaseException:
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, agg in by_metric.items():
             ci = "" if agg["ci_low"] is None else f" [{agg['ci_low']:.3f}, {agg['ci_high']:.3f}]"
             shown = "n/a" if agg["mean"] is None else f"{agg['mean']:.3f}"
-            logger.info("eval: %s %s = %s%s (n=%d)", model, name, shown, ci, agg["n"])
+            how = INTERVAL_NAMES[agg["interval"]]
+            logger.info("eval: %s %s = %s%s (n=%d prompts, %s)", model, name, shown, ci, agg["n"], how)
     log_to_tracker(cfg, metrics, per_prompt)
     return metrics
 

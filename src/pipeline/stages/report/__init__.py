@@ -22,7 +22,12 @@ pipeline's `sft` stage, shares that stage's group: one line, one colour).
   number needs the metric when several are reported). Drawn as dashed horizontal lines.
 
 Per group, x value and metric: the mean over runs (seeds) and the half-width of the 95% Student-t interval
-(n >= 2; a single run shows its value). With `--x`, each metric is drawn against x (log2 axis when the
+over seeds (n >= 2). A point of a single run shows the run's own 95% interval over its prompts where it
+logged one (`eval`: Wilson's score interval for 0/1-per-prompt metrics such as greedy pass@1, else a
+bootstrap over prompts), else its value alone. The `<metric>_before` point averages each seed's values
+first (every size of a sweep logs the same starting model), so its n is the number of seeds. The table
+caption, `summary.md` and each figure's title say which interval each point has, and over how many.
+With `--x`, each metric is drawn against x (log2 axis when the
 sizes grow geometrically), one line per group with 95% error bars; x = 0 is the zero-training point: runs
 at x = 0, or else the runs' `<metric>_before` values (`--before_point false` turns that off). Without
 `--x`, a bar chart per metric. Writes into `--output_dir` (default `RUN_DIR/report` for one folder), each
@@ -34,6 +39,6 @@ Code: collect (runs → records), tables (aggregates, Markdown/LaTeX/CSV), figur
 
 from pipeline.stages.report.figures import figure_name, use_log2
 from pipeline.stages.report.stage import main
-from pipeline.stages.report.tables import fmt_x, latex_escape
+from pipeline.stages.report.tables import fmt_x, interval_note, latex_escape
 
-__all__ = ["figure_name", "fmt_x", "latex_escape", "main", "use_log2"]
+__all__ = ["figure_name", "fmt_x", "interval_note", "latex_escape", "main", "use_log2"]

@@ -41,6 +41,7 @@ class Record:
     group: str = ""
     fields: dict[str, Any] = field(default_factory=dict)
     model_path: str | None = None  # an eval record's model folder
+    intervals: dict[str, str] = field(default_factory=dict)  # metric -> how the run's own interval was made
 
 
 def _number(value: Any) -> float | None:
@@ -98,6 +99,11 @@ def _eval_models(run: dict[str, Any], run_dir: Path) -> list[tuple[str, str | No
 def records_of(run: dict[str, Any], run_dir: Path, order: int) -> list[Record]:
     metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
     numeric = {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
+    methods = {
+        k[: -len("_interval")]: v
+        for k, v in metrics.items()
+        if k.endswith("_interval") and isinstance(v, str)
+    }
     common = dict(
         run_dir=run_dir,
         stage=str(run.get("stage") or run_dir.name),
@@ -107,15 +113,15 @@ def records_of(run: dict[str, Any], run_dir: Path, order: int) -> list[Record]:
         start=str(run.get("start") or ""),
     )
     if common["stage"] != "eval":
-        return [Record(model=None, metrics=numeric, order=order, **common)]
+        return [Record(model=None, metrics=numeric, order=order, intervals=methods, **common)]
     models = _eval_models(run, run_dir)
     shared = {k: v for k, v in numeric.items() if not any(k.startswith(f"{m}/") for m, _ in models)}
     out = []
     for i, (model, path) in enumerate(models):
         own = {k[len(model) + 1 :]: v for k, v in numeric.items() if k.startswith(f"{model}/")}
-        out.append(
-            Record(model=model, metrics={**shared, **own}, order=order * 1000 + i, model_path=path, **common)
-        )
+        how = {k[len(model) + 1 :]: v for k, v in methods.items() if k.startswith(f"{model}/")}
+        out.append(Record(model=model, metrics={**shared, **own}, order=order * 1000 + i, model_path=path,
+                          intervals=how, **common))  # fmt: skip
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.stages.report.collect import collect, number_or_none
-from pipeline.stages.report.tables import fmt_x
+from pipeline.stages.report.tables import fmt_x, interval_note
 
 _MAX_TICKS = 12
 
@@ -56,6 +56,17 @@ def _colors(groups: list[str]) -> dict[str, Any]:
     return {g: palette[i % len(palette)] for i, g in enumerate(groups)}
 
 
+def _error(a: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) the mean: t-intervals are symmetric, a run's own Wilson interval is not."""
+    if a["ci_low"] is None or a["ci_high"] is None:
+        return 0.0, 0.0
+    return max(0.0, a["mean"] - a["ci_low"]), max(0.0, a["ci_high"] - a["mean"])
+
+
+def _yerr(errors: list[tuple[float, float]]):
+    return [[e[0] for e in errors], [e[1] for e in errors]]
+
+
 def draw_lines(path, metric, aggs, groups, x_name, log_x, baselines) -> None:
     fig, ax = _new_figure()
     colors = _colors(groups)
@@ -75,14 +86,14 @@ def draw_lines(path, metric, aggs, groups, x_name, log_x, baselines) -> None:
             continue
         pos = [zero_pos if a["x"] == 0 and log else a["x"] for a in points]
         means = [a["mean"] for a in points]
-        err = [a["ci95"] or 0.0 for a in points]
+        err = [_error(a) for a in points]
         trained = [i for i, a in enumerate(points) if a["x"] != 0]
         zero = [i for i, a in enumerate(points) if a["x"] == 0]
         if trained:
             ax.errorbar(
                 [pos[i] for i in trained],
                 [means[i] for i in trained],
-                yerr=[err[i] for i in trained],
+                yerr=_yerr([err[i] for i in trained]),
                 color=colors[g],
                 marker="o",
                 markersize=4,
@@ -95,7 +106,7 @@ def draw_lines(path, metric, aggs, groups, x_name, log_x, baselines) -> None:
             ax.errorbar(
                 [pos[i]],
                 [means[i]],
-                yerr=[err[i]],
+                yerr=_yerr([err[i]]),
                 color=colors[g],
                 marker="o",
                 mfc="white",
@@ -114,7 +125,7 @@ def draw_lines(path, metric, aggs, groups, x_name, log_x, baselines) -> None:
         ax.minorticks_off()
     ax.set_xlabel(x_name + (" (log scale)" if log else ""))
     ax.set_ylabel(metric)
-    note = "mean ± 95% t-interval over seeds"
+    note = interval_note(aggs)
     if shown_zero:
         note += "; hollow: no training (x = 0)"
     ax.set_title(f"{metric} vs {x_name}\n{note}", fontsize=10)
@@ -131,20 +142,20 @@ def draw_bars(path, metric, aggs, groups, baselines) -> None:
         for a in sorted((a for a in aggs if a["group"] == g), key=lambda a: not a["before_training"]):
             labels.append(f"{g}\n(before)" if a["before_training"] else g)
             heights.append(a["mean"])
-            errs.append(a["ci95"] or 0.0)
+            errs.append(_error(a))
             bar_colors.append(colors[g])
             hatches.append("//" if a["before_training"] else "")
-    yerr = errs if any(errs) else None
+    yerr = _yerr(errs) if any(any(e) for e in errs) else None
     bars = ax.bar(range(len(labels)), heights, yerr=yerr, capsize=4, color=bar_colors)
     for bar, hatch, color in zip(bars, hatches, bar_colors, strict=True):
         if hatch:
             bar.set_facecolor((*color[:3], 0.35))
             bar.set_edgecolor(color)
             bar.set_hatch(hatch)
-    for i, (h, e) in enumerate(zip(heights, errs, strict=True)):
+    for i, (h, (below, above)) in enumerate(zip(heights, errs, strict=True)):
         ax.annotate(
             f"{h:.3g}",
-            (i, h + e if h >= 0 else h - e),
+            (i, h + above if h >= 0 else h - below),
             xytext=(0, 3 if h >= 0 else -3),
             textcoords="offset points",
             ha="center",
@@ -155,7 +166,7 @@ def draw_bars(path, metric, aggs, groups, baselines) -> None:
     ax.set_xticklabels(labels, fontsize=8)
     _draw_baselines(ax, metric, baselines)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}\nmean ± 95% t-interval over seeds", fontsize=10)
+    ax.set_title(f"{metric}\n{interval_note(aggs)}", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")

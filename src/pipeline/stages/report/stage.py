@@ -30,7 +30,16 @@ from pipeline.stages.report.figures import (
     parse_baseline,
     resolve_baselines,
 )
-from pipeline.stages.report.tables import aggregate, fmt_x, latex_table, markdown_table, table_rows, write_csv
+from pipeline.stages.report.tables import (
+    T_OVER_SEEDS,
+    aggregate,
+    fmt_x,
+    latex_escape,
+    latex_table,
+    markdown_table,
+    table_rows,
+    write_csv,
+)
 
 # ------------------------------------------------------------------------------------------ statistics
 
@@ -168,13 +177,23 @@ def draw_figures(output_dir: Path, args, metrics, aggs, groups, baselines) -> li
 
 def table_captions(aggs) -> tuple[str, str]:
     """(Markdown caption, LaTeX caption) of the tables."""
-    caption = "Mean ± half-width of the 95% Student-t interval over seeds (n runs; one run: its value)."
-    latex_caption = (
-        "Mean $\\pm$ half-width of the 95\\% Student-t interval over seeds ($n$ runs; one run: its value)."
-    )
+    methods = {a["interval"] for a in aggs}
+    parts = []
+    if T_OVER_SEEDS in methods:
+        parts.append("Mean ± half-width of the 95% Student-t interval over seeds (n: runs, one per seed).")
+    for method, text in (("wilson over prompts", "Wilson score interval (0/1 per prompt)"),
+                         ("bootstrap over prompts", "percentile bootstrap interval")):  # fmt: skip
+        if method in methods:
+            ns = sorted({a["n_prompts"] for a in aggs if a["interval"] == method and a["n_prompts"]})
+            over = f"its {', '.join(map(str, ns))} prompts" if ns else "its prompts"
+            parts.append(f"[low, high]: a single run's own 95% {text} over {over}.")
+    if None in methods:
+        parts.append("A value alone: one run, no interval.")
     if any(a["before_training"] for a in aggs):
-        caption += " before: the starting model, from the runs' `<metric>_before` values."
-        latex_caption += " before: the starting model, from the runs' \\texttt{<metric>\\_before} values."
+        parts.append("before: the starting model, from the runs' `<metric>_before` values, averaged per "
+                     "seed before the interval (n: seeds).")  # fmt: skip
+    caption = " ".join(parts)
+    latex_caption = latex_escape(caption).replace("±", "$\\pm$").replace("`", "")
     return caption, latex_caption
 
 

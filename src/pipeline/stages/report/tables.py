@@ -1,4 +1,8 @@
-"""Aggregates over seeds (mean and t-interval per group and x) and the tables: Markdown, LaTeX, CSV."""
+"""Aggregates over seeds (mean and 95% interval per group and x) and the tables: Markdown, LaTeX, CSV.
+
+A point of several runs: Student's t over its seeds (a `*_before` point: each seed's values averaged first,
+since every size of a sweep logs the same starting model). A point of one run: the run's own 95% interval
+over its prompts where it logged one (Wilson for 0/1 metrics, else bootstrap), else no interval."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from typing import Any
 
 from pipeline.runinfo import atomic_write_text
 from pipeline.stages.report.collect import Record, varying_fields
-from pipeline.stats import mean_ci
+from pipeline.stats import mean_ci, per_seed_means
+
+T_OVER_SEEDS = "t over seeds"
 
 
 @dataclass
@@ -21,26 +27,50 @@ class Cell:
     values: list[float]
     seeds: list[Any]
     before: bool = False  # from `<metric>_before`: the zero-training point
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
+    records: list[Record] | None = None  # the runs behind the values (their own intervals)
 
     def summary(self) -> dict[str, Any]:
-        mean, half = mean_ci(self.values)
-        return {
-            "group": self.group,
-            "x": self.x,
-            "metric": self.metric,
-            "before_training": self.before,
-            "n": self.n,
-            "mean": mean,
-            "ci95": half,
-            "ci_low": None if half is None else mean - half,
-            "ci_high": None if half is None else mean + half,
-            "values": self.values,
-            "seeds": self.seeds,
-        }
+        values, seeds = per_seed_means(self.values, self.seeds) if self.before else (self.values, self.seeds)
+        mean, half = mean_ci(values)
+        out = {"group": self.group, "x": self.x, "metric": self.metric, "before_training": self.before,
+               "n": len(values), "mean": mean, "ci95": half, "ci_low": None, "ci_high": None,
+               "interval": None, "n_prompts": None, "values": values, "seeds": seeds,
+               "measurements": len(self.values)}  # fmt: skip
+        if half is not None:
+            out.update(ci_low=mean - half, ci_high=mean + half, interval=T_OVER_SEEDS)
+        elif len(self.values) == 1 and self.records:
+            out.update(_run_interval(self.records[0], self.metric + ("_before" if self.before else "")))
+        return out
+
+
+def _run_interval(record: Record, name: str) -> dict[str, Any]:
+    """A single run's own 95% interval over its prompts, when it logged one."""
+    low, high = record.metrics.get(f"{name}_ci_low"), record.metrics.get(f"{name}_ci_high")
+    method = record.intervals.get(name)
+    if low is None or high is None or method is None:
+        return {}
+    n = record.metrics.get(f"{name}_n", record.metrics.get("num_prompts"))
+    return {"ci_low": low, "ci_high": high, "interval": f"{method} over prompts",
+            "n_prompts": None if n is None else int(n)}  # fmt: skip
+
+
+def interval_note(aggs: list[dict[str, Any]]) -> str:
+    """What the error bars of these points are, and over how many: for figure titles and captions."""
+    ns = sorted({a["n"] for a in aggs if a["interval"] == T_OVER_SEEDS})
+    parts = []
+    if ns:
+        count = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        parts.append(f"mean ± 95% t-interval over seeds (n = {count} per point)")
+    within = sorted({(a["interval"], a["n_prompts"]) for a in aggs if a["interval"] not in (None, T_OVER_SEEDS)},
+                    key=str)  # fmt: skip
+    for method, n in within:
+        kind = method.replace(" over prompts", "")
+        kind = {"wilson": "Wilson", "bootstrap": "bootstrap"}.get(kind, kind)
+        over = f"{n} prompts" if n else "its prompts"
+        parts.append(f"one run per point: its 95% {kind} interval over {over}")
+    if any(a["interval"] is None for a in aggs):
+        parts.append("one run" + (" for some points" if parts else " per point") + ": no interval")
+    return "; ".join(parts)
 
 
 def aggregate(
@@ -50,18 +80,20 @@ def aggregate(
     for r in records:
         for m in metrics:
             if m in r.metrics:
-                cell = cells.setdefault((r.group, r.x, m, False), Cell(r.group, r.x, m, [], []))
+                cell = cells.setdefault((r.group, r.x, m, False), Cell(r.group, r.x, m, [], [], records=[]))
                 cell.values.append(r.metrics[m])
                 cell.seeds.append(r.seed)
+                cell.records.append(r)
     if before_point:
         for r in records:
             for m in metrics:
                 has_zero = use_x and (r.group, 0.0, m, False) in cells
                 if f"{m}_before" in r.metrics and (r.group, r.x, m, False) in cells and not has_zero:
                     x0 = 0.0 if use_x else None
-                    cell = cells.setdefault((r.group, x0, m, True), Cell(r.group, x0, m, [], [], True))
+                    cell = cells.setdefault((r.group, x0, m, True), Cell(r.group, x0, m, [], [], True, []))
                     cell.values.append(r.metrics[f"{m}_before"])
                     cell.seeds.append(r.seed)
+                    cell.records.append(r)
     rank = {g: i for i, g in enumerate(groups)}
 
     def key(c: Cell):
@@ -92,6 +124,8 @@ def _cell_text(agg: dict[str, Any] | None, digits: int, pm: str, row_n: int) -> 
     text = _fmt(agg["mean"], digits)
     if agg["ci95"] is not None:
         text += f" {pm} {_fmt(agg['ci95'], digits)}"
+    elif agg["ci_low"] is not None:  # one run's own (asymmetric) interval over its prompts
+        text += f" [{_fmt(agg['ci_low'], digits)}, {_fmt(agg['ci_high'], digits)}]"
     if agg["n"] != row_n:
         text += f" (n={agg['n']})"
     return text
