@@ -441,3 +441,24 @@ def test_oversized_text_is_counted_and_dropped_before_parsing_or_tokenizing(
         pairs = read(out, "pairs")
         assert [(p["chosen_uid"], p["rejected_uid"]) for p in pairs] == [("p0-r0", "p0-r2")]
     assert seen and all(len(r) < 4000 for r in seen)
+
+
+def test_identical_texts_are_never_paired(tmp_path, tiny_model_dir):
+    """Two responses that clean to the same text (here: one fenced, one bare) with rewards 1 and -1 would be a
+    pair teaching nothing but noise: left out and counted, whichever pass writes the pairs."""
+    rows = rows_for({"a": [1.0, -1.0], "b": [1.0, -1.0], "c": [1.0, 0.5, -0.5, -1.0]})
+    rows[1]["unprocessed_response"] = "def f():\n    return 0"  # a's two answers: the same after cleaning
+    rows[6]["unprocessed_response"] = rows[5]["unprocessed_response"]  # c's 2nd-best and 2nd-worst: same text
+    data = write(tmp_path, rows)
+    for name, flags in (("together", []), ("straddling", ["--batch_rows", "1"]),
+                        ("after_length_filter", ["--tokenizer_name_or_path", str(tiny_model_dir),
+                                                 "--max_length", "256"])):  # fmt: skip
+        out = tmp_path / name
+        manifest = prepare.main(
+            ["--data_path", data, "--output_dir", str(out), "--eval_fraction", "0", *flags]
+        )
+        pairs = read(out, "pairs")
+        assert sorted((p["chosen_uid"], p["rejected_uid"]) for p in pairs) == [
+            ("p1-r0", "p1-r1"), ("p2-r0", "p2-r3")], name  # fmt: skip
+        assert all(p["chosen"] != p["rejected"] for p in pairs)
+        assert manifest["drops"]["identical_pairs"] == 2 and manifest["rows_out"]["pairs_train"] == 2, name

@@ -333,3 +333,47 @@ def test_before_point_is_averaged_per_seed_and_single_runs_keep_their_own_interv
     assert f"| sft | 1 | 0.788 [{by['sft']['ci_low']:.3f}, {by['sft']['ci_high']:.3f}] |" in md
     note = report.interval_note(result["aggregates"])
     assert note == "one run per point: its 95% Wilson interval over 52 prompts"
+
+
+def test_report_says_which_points_are_prompt_matched(tmp_path):
+    """Two sources over the same 40 prompts, 2 vs 4 responses each. Cut in prompts, both sizes hold the same
+    prompts (prompt-matched); cut at 20 rows, the 4-response source covers 5 prompts and the other 10. The
+    report traces each run's data (an eval run: through the model folder it scored) to its subset manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.stages import subset
+
+    sources = {}
+    for name, per_prompt in (("majority", 2), ("sc", 4)):
+        rows = [{"prompt": [{"role": "user", "content": f"task {p}"}], "chosen": f"{name} {p} {j}", "uid": f"{p}-{j}"}
+                for p in range(40) for j in range(per_prompt)]  # fmt: skip
+        sources[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), sources[name])
+    runs = tmp_path / "runs"
+    for x, unit in ((10, "prompts"), (20, "rows")):
+        for name, source in sources.items():
+            data = tmp_path / "subsets" / f"{name}_{x}"
+            subset.main(
+                ["--data", str(source), "--size", str(x), "--size_unit", unit, "--output_dir", str(data)]
+            )
+            model = write_run(runs / f"{name}_{x}" / "dpo", "dpo", {"win_rate": 0.5 + x / 100},
+                              config={"train_data": str(data / "train.parquet"), "train_size": x,
+                                      "source": name})  # fmt: skip
+            write_run(runs / f"{name}_{x}" / "eval", "eval", {"policy/pass@1": 0.1 * x / 10},
+                      config={"models": [str(model)], "model_names": ["policy"], "train_size": x,
+                              "source": name})  # fmt: skip
+    result = main([str(runs), "--metrics", "win_rate", "pass@1", "--x", "train_size", "--group_by",
+                   "stage,source", "--output_dir", str(tmp_path / "report")])  # fmt: skip
+    assert result["groups"] == ["dpo, source=majority", "policy, source=majority", "dpo, source=sc",
+                                "policy, source=sc"]  # fmt: skip
+    by_x = {e["x"]: e for e in result["prompt_matching"]}
+    assert by_x[10.0]["prompts"] == {g: 10 for g in result["groups"]}  # the eval runs traced via their model
+    assert by_x[20.0]["prompts"] == {"dpo, source=majority": 10, "policy, source=majority": 10,
+                                     "dpo, source=sc": 5, "policy, source=sc": 5}  # fmt: skip
+    assert by_x[10.0]["matched"] and by_x[10.0]["shared"] == 10
+    assert not by_x[20.0]["matched"] and by_x[20.0]["shared"] == 5
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Prompt matching" in md
+    assert "train_size=10: prompt-matched: every group trained on the same 10 prompts" in md
+    assert "train_size=20: not prompt-matched" in md and "5 shared by all" in md

@@ -202,3 +202,41 @@ def test_lora_saves_a_seq_cls_adapter(tmp_path, tiny_model_dir, task_data):
     tokenizer, model = load_reward_model(str(out))
     assert torch.equal(model.get_submodule("base_model.model.score.modules_to_save.default").weight, head)
     assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+
+
+def test_accuracy_is_over_pooled_pairs_with_ties_as_half(tmp_path, tiny_model_dir, task_data):
+    """10 eval pairs in batches of 4, 4, 2, the last two identical texts: accuracy is (#wins + ½ #ties) / 10
+    over the pairs, as the saved model ranks them; TRL averaged the three batch means and counted a tie
+    wrong (it would weigh the short tie-only batch as much as a full one, and score it 0)."""
+    rows = pq.read_table(task_data["pairs_eval"]).to_pylist()[:8]
+    rows += [{**r, "rejected": r["chosen"]} for r in rows[:2]]  # identical answers: a tie by any model
+    eval_path = tmp_path / "eval.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), eval_path)
+    metrics = run_rm(tiny_model_dir, task_data["pairs_train"], tmp_path / "rm", "--max_steps", "1",
+                     "--per_device_eval_batch_size", "4", eval_data=eval_path)  # fmt: skip
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path / "rm"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    scores = {}
+    with torch.no_grad():
+        for side in ("chosen", "rejected"):
+            scores[side] = [model(**tokenizer(tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=False),
+                                              return_tensors="pt", add_special_tokens=False)).logits.item()
+                            for r in rows]  # fmt: skip
+    per_pair = [
+        1.0 if c > r else 0.5 if c == r else 0.0
+        for c, r in zip(scores["chosen"], scores["rejected"], strict=True)
+    ]
+    assert (
+        per_pair[8:] == [0.5, 0.5]
+        and len({c - r for c, r in zip(scores["chosen"][:8], scores["rejected"][:8], strict=True)}) == 8
+    )
+    assert metrics["eval_accuracy"] == pytest.approx(sum(per_pair) / 10, abs=1e-9)
+    assert metrics["eval_ties"] == pytest.approx(0.2)
+    margins = [c - r for c, r in zip(scores["chosen"], scores["rejected"], strict=True)]
+    assert metrics["eval_margin"] == pytest.approx(sum(margins) / 10, abs=1e-4)
+    batch_means = [sum(p >= 1 for p in per_pair[i : i + 4]) / len(per_pair[i : i + 4]) for i in (0, 4, 8)]
+    assert sum(batch_means) / 3 != pytest.approx(metrics["eval_accuracy"])  # TRL's figure differs here

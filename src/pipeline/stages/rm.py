@@ -15,8 +15,9 @@ The model is loaded with `AutoModelForSequenceClassification` (`num_labels=1`; a
 model gets a new random scalar head). LoRA trains with task type `SEQ_CLS` (the head is trained in full).
 
 Writes to `output_dir`: the reward model (or LoRA adapter) and tokenizer, with `pad_token_id` set in its config,
-`run.json` (resolved config, seed, git commit, versions, host, eval loss, accuracy and mean reward margin
-chosen − rejected before/after) and `run.log`. Later stages check the folder with
+`run.json` (resolved config, seed, git commit, versions, host, eval loss, accuracy, tie rate and mean reward
+margin chosen − rejected before/after) and `run.log`. Accuracy is over pooled pairs with a tie counted ½
+(`pipeline.training.reward_accuracy`; TRL's own averages per-batch means and counts a tie wrong). Later stages check the folder with
 `pipeline.models.check_reward_model_dir` and load it with `pipeline.models.load_reward_model` (or `AutoModelForSequenceClassification` for a full model).
 """
 
@@ -47,7 +48,7 @@ logger = logging.getLogger("pipeline.rm")
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 # eval metrics of RewardTrainer recorded before and after training (besides eval_loss)
-EVAL_KEYS = ("accuracy", "margin")
+EVAL_KEYS = ("accuracy", "margin", "ties")
 
 
 # ------------------------------------------------------------------------------------ reward-model folders
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # heavy imports after parsing, so `--help` and recipe errors answer fast
     from transformers import set_seed
-    from trl import RewardTrainer, get_peft_config, get_quantization_config
+    from trl import get_peft_config, get_quantization_config
+
+    from pipeline.training.reward_accuracy import PooledAccuracyRewardTrainer
 
     check_model_dir(model_args.model_name_or_path)
     if model_args.use_peft and model_args.lora_task_type != "SEQ_CLS":
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
-    trainer = RewardTrainer(
+    trainer = PooledAccuracyRewardTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,

@@ -20,7 +20,8 @@ Output (`output_dir`, written under a temporary name and renamed when complete):
 - `sft/{train,eval}-NNNNN.parquet`: `messages` (user, assistant = prefix + response) for rows whose reward
   exceeds `pos_threshold`;
 - `pairs/{train,eval}-NNNNN.parquet`: `prompt`/`chosen`/`rejected` (+ rewards, uids) from responses to the
-  same prompt whose rewards differ by at least `pair_margin`, chosen from ids and rewards in memory. A pair
+  same prompt whose rewards differ by at least `pair_margin`, chosen from ids and rewards in memory; a pair
+  whose two answers are the same text after cleaning is left out (counted: `drops.identical_pairs`). A pair
   whose two rows are read in one batch (a prompt's responses stored together, as logged RL data usually
   is) is written while its rows are cleaned; the others, and all pairs after a `max_length` filter, are
   read back from the rl shards (`*late-*` shards; the rl view is written aside if not among the views);

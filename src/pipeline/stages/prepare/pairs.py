@@ -42,10 +42,18 @@ def choose_pairs(keys: np.ndarray, rewards: np.ndarray, keep: np.ndarray, cfg: P
 
 
 def pair_table(rows: pa.Table, cfg: PrepareConfig, at_good, at_bad, good_reward, bad_reward) -> pa.Table:
-    """Preference rows from cleaned rl rows: `rows` holds them, `at_good`/`at_bad` index the two sides."""
+    """Preference rows from cleaned rl rows: `rows` holds them, `at_good`/`at_bad` index the two sides. A pair
+    whose two answers are the same text (after cleaning) is left out: it teaches nothing but noise, and an
+    RM or DPO loss on it pushes one text two ways (`choose_pairs` cannot see texts; the manifest counts
+    these under drops.identical_pairs)."""
+    responses = rows.column(cfg.response_key)
+    distinct = pc.not_equal(responses.take(pa.array(at_good)), responses.take(pa.array(at_bad)))
+    distinct = pc.fill_null(distinct, True).to_numpy(zero_copy_only=False)
+    if not distinct.all():
+        at_good, at_bad = np.asarray(at_good)[distinct], np.asarray(at_bad)[distinct]
+        good_reward, bad_reward = np.asarray(good_reward)[distinct], np.asarray(bad_reward)[distinct]
     at_good, at_bad = pa.array(at_good), pa.array(at_bad)
     user, prefix = prompt_parts(rows.column(PROMPT_KEY).take(at_good))
-    responses = rows.column(cfg.response_key)
     chosen, rejected = responses.take(at_good), responses.take(at_bad)
     if pc.any(pc.not_equal(prefix, "")).as_py():  # an assistant prefix starts the answer
         chosen = pc.binary_join_element_wise(prefix, chosen, "")

@@ -88,7 +88,8 @@ def shard_prefixes(num_proc: int) -> list[str]:
 
 def write_all_views(cfg, views, tmp: Path, pool, num_proc: int, units, plan: RowPlan, rows_in: int):
     """Pass 2 in `num_proc` processes: the rl/sft views and the pairs whose two rows one batch holds.
-    Returns (rows written per view and split, rows too long, the pairs still to write as (good, bad))."""
+    Returns (rows written per view and split, rows too long, the pairs still to write as (good, bad), the
+    number of pairs chosen here: 0 unless they are known now)."""
     prefixes = shard_prefixes(num_proc)
     # pairs whose rows are far apart are read back from the rl view's cleaned rows in pass 3: written aside
     # when not asked for
@@ -113,8 +114,10 @@ def write_all_views(cfg, views, tmp: Path, pool, num_proc: int, units, plan: Row
         for job, result in zip(jobs, results, strict=True):
             done[result["pairs_written"] + first_pair] = True
             first_pair += len(job.pairs[0])
+        chosen = len(good)
         good, bad = good[~done], bad[~done]
-    return rows_out, too_long, (good, bad)
+        return rows_out, too_long, (good, bad), chosen
+    return rows_out, too_long, (good, bad), 0
 
 
 def write_late_pairs(cfg, tmp: Path, pool, num_proc: int, plan: RowPlan, good, bad) -> dict[str, int]:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         pa.default_memory_pool().release_unused()  # pass 1's batches are gone; give their memory back
         plan, drops = plan_rows(index, cfg)
         with outputs.replacing(out, "prepare", inputs) as tmp:
-            rows_out, too_long, (good, bad) = write_all_views(
+            rows_out, too_long, (good, bad), pairs_chosen = write_all_views(
                 cfg, views, tmp, pool, num_proc, units, plan, rows_in
             )
             seconds["views"] = time.time() - started - sum(seconds.values())
@@ -213,8 +216,13 @@ def main(argv: list[str] | None = None) -> dict:
             if "pairs" in views:  # pass 3: the other pairs (all of them after a length filter)
                 if good is None:
                     good, bad = choose_pairs(plan.prompt_keys, plan.rewards, plan.keep, cfg)
+                    pairs_chosen = len(good)
                 for split, pairs in write_late_pairs(cfg, tmp, pool, num_proc, plan, good, bad).items():
                     rows_out[f"pairs_{split}"] += pairs
+                drops["identical_pairs"] = pairs_chosen - rows_out["pairs_train"] - rows_out["pairs_eval"]
+                if drops["identical_pairs"]:
+                    logger.info("prepare: %d pairs left out: chosen and rejected are the same text",
+                                drops["identical_pairs"])  # fmt: skip
                 seconds["pairs"] = time.time() - started - sum(seconds.values())
             if "rl" not in views:
                 shutil.rmtree(tmp / "rl")

@@ -27,6 +27,9 @@ logged one (`eval`: Wilson's score interval for 0/1-per-prompt metrics such as g
 bootstrap over prompts), else its value alone. The `<metric>_before` point averages each seed's values
 first (every size of a sweep logs the same starting model), so its n is the number of seeds. The table
 caption, `summary.md` and each figure's title say which interval each point has, and over how many.
+`summary.md` also says, per x, whether the groups were trained on the same prompts: each run's training
+data (an eval run's: through the model folder it scored) is traced to its `pipeline subset` manifest, whose
+`prompt_ids` are compared (`report.json`: `prompt_matching`).
 With `--x`, each metric is drawn against x (log2 axis when the
 sizes grow geometrically), one line per group with 95% error bars; x = 0 is the zero-training point: runs
 at x = 0, or else the runs' `<metric>_before` values (`--before_point false` turns that off). Without

@@ -30,6 +30,7 @@ from pipeline.stages.report.figures import (
     parse_baseline,
     resolve_baselines,
 )
+from pipeline.stages.report.matching import matching_lines, prompt_matching
 from pipeline.stages.report.tables import (
     T_OVER_SEEDS,
     aggregate,
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     groups = group_order(plotted)
     aggs = aggregate(plotted, metrics, groups, use_x, args.before_point)
+    matching = prompt_matching(plotted, groups, args.x)
     _warn_repeated_seeds(aggs, plotted, args.x)
 
     outputs.claim(output_dir, "report")
@@ -242,12 +244,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = _summary(
         dirs, records, skipped, len(records) - len(plotted), args.x, md, caption, figures, baselines
     )
+    if matching:
+        section = ["## Prompt matching", "", "From the `pipeline subset` manifests (`prompt_ids`) of the runs' "
+                   "training data:", "", *matching_lines(matching), "", ""]  # fmt: skip
+        text = text.replace("## Figures", "\n".join(section) + "## Figures", 1)
     atomic_write_text(summary_path, text)
     result = {
         "output_dir": str(output_dir), "runs": len({r.run_dir for r in records}), "records": len(records),
         "skipped": skipped["not_completed"], "unreadable": skipped["unreadable"],
         "without_x": len(records) - len(plotted), "x": args.x, "metrics": metrics, "groups": groups,
         "baselines": {b.name: b.values for b in baselines}, "aggregates": aggs, "csv": str(csv_path),
+        "prompt_matching": matching,
         "figures": [str(p) for p in figures], "table": str(table_path), "summary": str(summary_path),
     }  # fmt: skip
     atomic_write_text(output_dir / "report.json", json.dumps(result, indent=2) + "\n")
