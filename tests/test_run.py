@@ -264,3 +264,77 @@ def test_jobs_run_sweep_points_as_separate_processes(tmp_path, pairs_file):
         assert pq.read_table(tmp_path / "out" / f"n={n}" / "data" / "train.parquet").num_rows == n
         record = json.loads((tmp_path / "out" / f"n={n}" / "pipeline_run.json").read_text())
         assert record["points"][str((4, 8, 12).index(n))][0]["action"] == "ran"
+
+
+ROUNDS = """\
+  - {name: sft, stage: sft, args: {max_steps: 1}}
+  - rounds: ${rounds}
+    policy: "${sft.output_dir}"
+    next_policy: ips
+    reference: REFERENCE
+    stages:
+      - {name: collect, stage: collect, args: {model_name_or_path: "${round.policy}", seed: "${round.index}"}}
+      - {name: logp, stage: logp, args: {data_path: "${collect.output_dir}", model_name_or_path: "${round.reference}"}}
+      - {name: ips, stage: ips, args: {model_name_or_path: "${round.policy}", logp_dir: "${logp.output_dir}"}}
+  - {name: eval, stage: eval, args: {models: ["${sft.output_dir}", "${rounds.policies}"], model_names: [sft, "${rounds.names}"]}}
+"""
+
+
+def arg(argv, key):
+    return argv[argv.index(f"--{key}") + 1]
+
+
+@pytest.mark.parametrize("reference", ["round", "first"])
+def test_rounds_unroll_chain_and_skip(tmp_path, calls, reference):
+    made, _ = calls
+    path = write_pipeline(tmp_path / "p.yaml", ROUNDS.replace("REFERENCE", reference), "vars: {rounds: 2}\n")
+    run.main([path])
+    out = tmp_path / "out"
+    by_dir = {arg(argv, "output_dir"): (stage, argv) for stage, argv in made}
+    assert list(by_dir) == [str(out / d) for d in ("sft", "round_1/collect", "round_1/logp", "round_1/ips",
+                                                   "round_2/collect", "round_2/logp", "round_2/ips", "eval")]  # fmt: skip
+    collect2 = by_dir[str(out / "round_2/collect")][1]
+    assert arg(collect2, "model_name_or_path") == str(
+        out / "round_1/ips"
+    )  # round 2 starts from round 1's policy
+    assert arg(by_dir[str(out / "round_1/collect")][1], "model_name_or_path") == str(out / "sft")
+    assert (arg(by_dir[str(out / "round_1/collect")][1], "seed"), arg(collect2, "seed")) == ("1", "2")
+    assert arg(by_dir[str(out / "round_2/logp")][1], "data_path") == str(out / "round_2/collect")
+    ref2 = arg(by_dir[str(out / "round_2/logp")][1], "model_name_or_path")
+    assert ref2 == str(out / ("round_1/ips" if reference == "round" else "sft"))
+    eval_argv = by_dir[str(out / "eval")][1]
+    i = eval_argv.index("--models")
+    assert eval_argv[i + 1 : i + 4] == [str(out / "sft"), str(out / "round_1/ips"), str(out / "round_2/ips")]
+    i = eval_argv.index("--model_names")
+    assert eval_argv[i + 1 : i + 4] == ["sft", "round_1", "round_2"]
+    # a rerun skips every round; three rounds (--set) run only the third and what depends on it
+    made.clear()
+    summary = run.main([path])
+    assert made == [] and all(s["action"] == "skip" for s in summary["points"]["0"])
+    run.main([path, "--set", "rounds=3"])
+    assert [arg(argv, "output_dir") for _, argv in made] == [
+        str(out / d) for d in ("round_3/collect", "round_3/logp", "round_3/ips", "eval")]  # fmt: skip
+
+
+def test_rounds_bad_blocks_are_one_line(tmp_path):
+    good = ROUNDS.replace("REFERENCE", "round").replace("${rounds}", "2")
+    cases = {
+        ("rounds: 2", "rounds: 0"): "`rounds` must be a whole number >= 1",
+        ("next_policy: ips", "next_policy: nope"): "`next_policy` must name one of the block's stages",
+        ("reference: round", "reference: sft"): "`reference` must be one of round, first",
+        ("reference: round", "policies: x"): "unknown key 'policies' in a rounds block",
+        (
+            'seed: "${round.index}"',
+            'seed: "${round.seed}"',
+        ): "use round.policy, round.reference or round.index",
+    }
+    for (old, new), message in cases.items():
+        assert old in good
+        path = write_pipeline(tmp_path / "bad.yaml", good.replace(old, new))
+        with pytest.raises(PipelineError, match=message):
+            run.load_pipeline(path)
+    path = write_pipeline(
+        tmp_path / "late.yaml", "  - {name: e, stage: eval, args: {models: ['${rounds.policies}']}}\n"
+    )
+    with pytest.raises(PipelineError, match="only known after a rounds block"):
+        run.load_pipeline(path)

@@ -168,10 +168,20 @@ def exported(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_export_writes_all_files(exported):
     out, paths = exported
     names = {f"{kind}_{split}" for kind in ("sft", "pairs", "coderl") for split in ("train", "eval")}
-    assert set(paths) == names
+    problems = {"problems_train", "problems_eval"}
+    assert set(paths) == names | problems
     for name, path in paths.items():
-        assert Path(path) == out / f"{name}.parquet" and Path(path).is_file()
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.parquet" for n in names)  # no temp files
+        suffix = ".jsonl" if name in problems else ".parquet"
+        assert Path(path) == out / f"{name}{suffix}" and Path(path).is_file()
+    files = sorted([f"{n}.parquet" for n in names] + [f"{n}.jsonl" for n in problems])
+    assert sorted(p.name for p in out.iterdir()) == files  # no temp files
+    # the problems files are what eval-code and collect read: every reference solution passes
+    from pipeline.stages.eval_code import load_problems
+
+    held_out = load_problems(paths["problems_eval"])
+    assert len(held_out) == len(pq.read_table(paths["sft_eval"])) and all(
+        "tests" in p for p in held_out.values()
+    )
 
 
 def test_coderl_schema(exported):

@@ -35,6 +35,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.logp",
         "Per-token reference log-probs of every prepared response, stored by uid (resumable, multi-process).",
     ),
+    "collect": (
+        "pipeline.stages.collect",
+        "Sample answers from a policy, judge them in the sandbox, write code-RL parquet (with behaviour logps).",
+    ),
     "ips": (
         "pipeline.stages.ips",
         "Offline importance-sampling training (IPS/TOPR/RWR + KL) from prepared rows and stored logps.",

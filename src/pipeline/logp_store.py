@@ -85,12 +85,22 @@ def cached_sha256(path: Path) -> str:
 
 
 def model_fingerprint(model_dir: str) -> str:
-    """Hash of config.json and the weight files: two runs agree only on the very same reference model."""
+    """Hash of config.json and the weight files: two runs agree only on the very same reference model. A
+    LoRA adapter's: its adapter_config.json and weights, and its base model's fingerprint."""
     folder = Path(model_dir)
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
-    if not weights or not (folder / "config.json").is_file():
+    config = folder / "config.json"
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file() and not config.is_file():
+        config = adapter
+    if not weights or not config.is_file():
         raise PipelineError(f"model_name_or_path '{model_dir}' has no config.json or weight files")
-    listing = "".join(f"{p.name}:{cached_sha256(p)}\n" for p in sorted([folder / "config.json", *weights]))
+    listing = "".join(f"{p.name}:{cached_sha256(p)}\n" for p in sorted([config, *weights]))
+    if config == adapter:
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise PipelineError(f"LoRA adapter '{model_dir}': its base model '{base}' is not a local folder")
+        listing += f"base:{model_fingerprint(base)}\n"
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 

@@ -24,11 +24,10 @@ is never counted as the model's failure.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +35,9 @@ from pipeline.errors import PipelineError
 from pipeline.sandbox import ExecResult, Limits, isolation, run_many
 from pipeline.sandbox.problems import check_for, program_for
 from pipeline.stats import INTERVAL_NAMES, estimate_pass_at_k
+from pipeline.tasks.code_problems import load_problem_records, read_jsonl
 
 SAMPLE_KEYS = ("task_id", "completion")
-
-
-def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for every non-blank line of a JSON-lines file, plain or gzipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{what}: file not found: '{path}'")
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"  # by content, not name: a .gz suffix may lie either way
-    opener = gzip.open if gzipped else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise PipelineError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: cannot read ({e})") from None
 
 
 def _require(obj: dict[str, Any], keys: Sequence[str], path: str | os.PathLike, lineno: int) -> None:
@@ -76,16 +52,7 @@ def _require(obj: dict[str, Any], keys: Sequence[str], path: str | os.PathLike, 
 
 def load_problems(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """task_id -> problem, each in one of the sandbox's formats (checked here, one line per problem)."""
-    problems: dict[str, dict[str, Any]] = {}
-    for lineno, obj in read_jsonl(path, "--problems"):
-        _require(obj, ("task_id",), path, lineno)
-        check_for(obj, f"{path}:{lineno}")
-        if obj["task_id"] in problems:
-            raise PipelineError(f"{path}:{lineno}: duplicate task_id '{obj['task_id']}'")
-        problems[obj["task_id"]] = obj
-    if not problems:
-        raise PipelineError(f"{path}: no problems in the file")
-    return problems
+    return load_problem_records(path, "--problems")
 
 
 def load_samples(

@@ -12,10 +12,10 @@ from typing import Any
 
 from pipeline.data import sha256_file, write_parquet_atomic
 from pipeline.errors import PipelineError
+from pipeline.generation import generate_answers, torch_dtype
 from pipeline.models import check_model_dir
 from pipeline.stages.eval.config import CACHE_FLUSH_PROMPTS, EvalConfig, ModelSpec, PromptItem
 from pipeline.stages.eval.prompts import render_chat
-from pipeline.stats import stable_seed
 
 logger = logging.getLogger("pipeline.eval")
 
@@ -76,71 +76,6 @@ def sampling_settings(cfg: EvalConfig) -> dict[str, Any]:
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed) if sampled else 0,
     }
-
-
-def generate_answers(
-    tokenizer,
-    model,
-    texts: list[str],
-    *,
-    num_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress=None,
-) -> list[list[str]]:
-    """`num_samples` answers to each rendered prompt, batched with left padding, decoded without special
-    tokens. Each batch is seeded from `seed` and its texts, so the same batch gives the same answers."""
-    import torch
-    from transformers import GenerationConfig
-
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    sampled = temperature > 0
-    eos = model.generation_config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)
-    # every knob set explicitly: a model's own generation_config.json must not change what was asked for
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampled,
-        temperature=temperature if sampled else 1.0,
-        top_p=top_p if sampled else 1.0,
-        top_k=top_k if sampled else 50,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        num_beams=1,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids or None,
-    )
-    device = next(model.parameters()).device
-    answers: list[list[str]] = []
-    for start in range(0, len(texts), batch_size):
-        batch = texts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        torch.manual_seed(stable_seed(seed, batch))
-        with torch.no_grad():
-            out = model.generate(**enc, generation_config=config)
-        decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        answers += [decoded[i * num_samples : (i + 1) * num_samples] for i in range(len(batch))]
-        if progress is not None:
-            progress.update(len(batch))
-    return answers
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else torch.float32
-    return getattr(torch, name)
 
 
 def _read_cache(path: Path, num_samples: int) -> dict[str, list[str]]:

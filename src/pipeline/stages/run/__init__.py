@@ -26,6 +26,14 @@ A pipeline file (YAML):
 `${field}` is a sweep value or one of the file's `vars:` (which `--set VAR=VALUE` overrides), `${run_dir}`
 the point's directory, `${root}` the pipeline's output_dir. The argument `_` holds positional arguments.
 
+**Rounds.** An entry `{rounds: K, policy: ..., next_policy: STAGE, reference: round|first, stages: [...]}`
+repeats its stages K times, each round starting from the previous round's `next_policy` output (expert
+iteration: collect -> prepare -> logp -> ips, or collect -> prepare -> dpo). Round k's stages are named
+`round_<k>-<name>` and write under `<run dir>/round_<k>/`; inside the block `${round.policy}`,
+`${round.reference}` and `${round.index}` are the round's start policy, reference model and number, and
+after it `${rounds.policies}` / `${rounds.names}` list every round's policy folder and name (see
+`pipeline.stages.run.rounds`, which also explains the `reference` default).
+
 **Skip / rerun.** A stage's fingerprint hashes its stage name, resolved arguments, its recipe file's
 *content*, and the fingerprints of the stages it references. After a stage completes, the runner records
 the fingerprint in `<run dir>/.pipeline/<name>.json`. A stage whose recorded fingerprint matches and whose
@@ -44,7 +52,8 @@ subprocesses, one GPU each when GPUs are visible (`CUDA_VISIBLE_DEVICES`). Stage
 pipeline.cli <stage> ...` in a subprocess. `pipeline_run.json` (in the root; in the point's folder with
 `--index`) records what ran, what was skipped and how long each stage took.
 
-Code: spec (the pipeline file), plan (resolve, fingerprint, run or skip), execute; `main` in stage.py.
+Code: spec (the pipeline file), rounds (unrolling a rounds block), plan (resolve, fingerprint, run or skip),
+execute; `main` in stage.py.
 """
 
 from pipeline.stages.run.spec import load_pipeline

@@ -108,7 +108,7 @@ def plan_point(pipe: Pipeline, point: dict[str, Any], force_from: str | None) ->
         home = shared_dir if spec.shared else run_dir
         fields, recipe_path = recipe_args(spec.recipe, pipe.path.parent)
         args = {k: substitute(v, variables, resolved, where) for k, v in {**pipe.args, **spec.args}.items()}
-        args.setdefault("output_dir", str(home / spec.name))
+        args.setdefault("output_dir", str(home / (spec.folder or spec.name)))
         resolved[spec.name] = {**fields, **args}
         recipe_text = Path(recipe_path).read_text() if recipe_path else ""
         deps = sorted(references(spec) & set(fingerprints))

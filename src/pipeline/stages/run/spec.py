@@ -14,6 +14,7 @@ import yaml
 from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.outputs import check_name
+from pipeline.stages.run.rounds import splice_rounds, unroll
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\.([A-Za-z_]\w*))?\}")
 
@@ -33,6 +34,7 @@ class StageSpec:
     shared: bool = False
     launch: dict[str, Any] | None = None
     after: list[str] = field(default_factory=list)
+    folder: str | None = None  # under the run directory; default: the name (a round's: round_<k>/<name>)
 
 
 @dataclass
@@ -81,43 +83,58 @@ def load_pipeline(
         check_name(key, f"{path}: sweep field")
         for value in values:
             check_name(value, f"{path}: sweep value of {key}:")
-    stages = _read_stages(path, raw.get("stages") or [])
+    stages = _read_stages(path, raw.get("stages") or [], variables)
     _check_references(path, stages, sweep, variables)
     return Pipeline(path, Path(root), {k: list(v) for k, v in sweep.items()}, dict(raw.get("args") or {}), stages,
                     variables)  # fmt: skip
 
 
-def _read_stages(path: Path, entries: list) -> list[StageSpec]:
-    """The `stages:` list, each entry checked: known keys, a known stage, a unique name, its recipe found."""
+def _read_stage(path: Path, entry: Any, where: str) -> StageSpec:
+    """One stage entry checked: known keys, a known stage, a valid name, its recipe found."""
     from pipeline.cli import STAGES
 
+    if not isinstance(entry, dict) or "stage" not in entry:
+        raise PipelineError(f"{where}: each stage is a mapping with at least `stage:` (and `name:`)")
+    unknown = set(entry) - STAGE_KEYS
+    if unknown:
+        raise PipelineError(
+            f"{where}: unknown key '{sorted(unknown)[0]}' (use {', '.join(sorted(STAGE_KEYS))})"
+        )
+    spec = StageSpec(
+        name=str(entry.get("name") or entry["stage"]),
+        stage=str(entry["stage"]),
+        recipe=entry.get("recipe"),
+        args=dict(entry.get("args") or {}),
+        shared=bool(entry.get("shared", False)),
+        launch=entry.get("launch"),
+        after=list(entry.get("after") or []),
+    )
+    check_name(spec.name, f"{where}: stage name")
+    if spec.stage not in STAGES or spec.stage in ("run", "demo"):
+        raise PipelineError(f"{where}: unknown stage '{spec.stage}' (see `pipeline --help`)")
+    if spec.recipe and not (path.parent / spec.recipe).is_file() and not Path(spec.recipe).is_file():
+        raise PipelineError(f"{where} ({spec.name}): recipe file not found: '{spec.recipe}'")
+    return spec
+
+
+def _read_stages(path: Path, entries: list, variables: dict[str, Any]) -> list[StageSpec]:
+    """The `stages:` list, each entry checked, `rounds:` blocks unrolled (`pipeline.stages.run.rounds`)."""
     stages: list[StageSpec] = []
+    after_block = None
     for i, entry in enumerate(entries):
         where = f"{path}: stages[{i}]"
-        if not isinstance(entry, dict) or "stage" not in entry:
-            raise PipelineError(f"{where}: each stage is a mapping with at least `stage:` (and `name:`)")
-        unknown = set(entry) - STAGE_KEYS
-        if unknown:
-            raise PipelineError(
-                f"{where}: unknown key '{sorted(unknown)[0]}' (use {', '.join(sorted(STAGE_KEYS))})"
-            )
-        spec = StageSpec(
-            name=str(entry.get("name") or entry["stage"]),
-            stage=str(entry["stage"]),
-            recipe=entry.get("recipe"),
-            args=dict(entry.get("args") or {}),
-            shared=bool(entry.get("shared", False)),
-            launch=entry.get("launch"),
-            after=list(entry.get("after") or []),
-        )
-        check_name(spec.name, f"{where}: stage name")
-        if spec.stage not in STAGES or spec.stage in ("run", "demo"):
-            raise PipelineError(f"{where}: unknown stage '{spec.stage}' (see `pipeline --help`)")
-        if any(s.name == spec.name for s in stages):
-            raise PipelineError(f"{where}: stage name '{spec.name}' is used twice; give each a unique `name`")
-        if spec.recipe and not (path.parent / spec.recipe).is_file() and not Path(spec.recipe).is_file():
-            raise PipelineError(f"{where} ({spec.name}): recipe file not found: '{spec.recipe}'")
-        stages.append(spec)
+        if isinstance(entry, dict) and "rounds" in entry:
+            specs, after_block = unroll(entry, variables, where, lambda e, w: _read_stage(path, e, w))
+        else:
+            spec = _read_stage(path, entry, where)
+            spec.args = {k: splice_rounds(v, after_block) for k, v in spec.args.items()}
+            specs = [spec]
+        for spec in specs:
+            if any(s.name == spec.name for s in stages):
+                raise PipelineError(
+                    f"{where}: stage name '{spec.name}' is used twice; give each a unique `name`"
+                )
+            stages.append(spec)
     if not stages:
         raise PipelineError(f"{path}: no `stages:` listed")
     return stages

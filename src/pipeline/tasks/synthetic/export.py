@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -41,8 +42,9 @@ def export_task(
     """Write SFT, preference and code-RL parquet files (train/eval split by problem).
 
     `constant_negatives` adds that many "other constant" pairs per problem to `pairs_train` (see
-    `preference_rows`); `pairs_eval` always holds the task's own pairs. Returns ``{"sft_train": path, ...}``
-    for the six files.
+    `preference_rows`); `pairs_eval` always holds the task's own pairs; `problems_{train,eval}.jsonl` hold
+    the problems themselves (for `pipeline collect` and `eval-code`). Returns ``{"sft_train": path, ...}``
+    for the eight files.
     """
     if constant_negatives < 0:
         raise ValueError(f"constant_negatives must be >= 0, got {constant_negatives}")
@@ -87,4 +89,16 @@ def export_task(
             path = out / f"{stem}.parquet"
             write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), path)
             written[stem] = str(path)
+        written[f"problems_{split}"] = str(write_problems(probs, out / f"problems_{split}.jsonl"))
     return written
+
+
+def write_problems(problems: Sequence[Problem], path: Path) -> Path:
+    """The problems as JSON lines in the sandbox's synthetic format (task_id, prompt, tests, solution): what
+    `pipeline collect` samples answers to and `pipeline eval-code` judges samples against."""
+    from pipeline.runinfo import atomic_write_text
+
+    lines = [json.dumps({"task_id": p.task_id, "prompt": p.prompt, "tests": list(p.tests), "solution": p.solution})
+             for p in problems]  # fmt: skip
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
