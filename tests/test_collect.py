@@ -209,3 +209,48 @@ stages:
     assert fingerprints[0] != fingerprints[1]
     again = run.main([str(pipeline_file)])["points"]["0"]
     assert [s["action"] for s in again] == ["skip"] * 8
+
+
+def test_ips_weights_with_the_stored_behaviour_logps(collected, sft_demo_setup, tmp_path):
+    """IPS on collect's rows with importance_logps: behaviour. The sampler was the policy at temperature 1, so
+    at the first step ρ = π/μ is 1 on every token; the rows whose trained tokens are not the sampled ones
+    (cut at max_new_tokens: no EOS was sampled) are left out and counted."""
+    from transformers import AutoTokenizer
+
+    from pipeline.stages import ips, logp
+    from pipeline.tokenization import parse_prompt, tokenize_prompt_response
+
+    out, _, _ = collected
+    prepared, store = tmp_path / "prep", tmp_path / "logp"
+    prepare.main(
+        ["--data_path", str(out / "samples.parquet"), "--output_dir", str(prepared), "--eval_fraction", "0"]
+    )
+    logp.main(["--data_path", str(prepared), "--model_name_or_path", sft_demo_setup["model"], "--max_length", "256",
+               "--splits", "train", "--output_dir", str(store)])  # fmt: skip
+    metrics = ips.main(["--model_name_or_path", sft_demo_setup["model"], "--data_path", str(prepared), "--logp_dir",
+                        str(store), "--output_dir", str(tmp_path / "ips"), "--importance_logps", "behaviour",
+                        "--max_length", "256", "--max_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-9",
+                        "--per_device_train_batch_size", "32", "--dtype", "float32", "--bf16", "false",
+                        "--gradient_checkpointing", "false", "--save_strategy", "no", "--report_to", "none"])  # fmt: skip
+    rows = pq.read_table(prepared / "rl").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(sft_demo_setup["model"])
+    samples = tokenize_prompt_response(tokenizer, [parse_prompt(r["prompt_pretokenized"]) for r in rows],
+                                       [r["unprocessed_response"] for r in rows], 256)  # fmt: skip
+    same = [
+        s.input_ids[s.prompt_len :] == r["behaviour_token_ids"] for s, r in zip(samples, rows, strict=True)
+    ]
+    assert metrics["train_dropped_behaviour_mismatch"] == same.count(False) < len(rows), sorted(metrics)
+    assert same.count(False) >= sum(r["finish_reason"] == "length" for r in rows)
+    assert metrics["train_used_rows"] == same.count(True)
+    assert metrics["logp_mismatch"]["behaviour_mean_abs_log_ratio"] < 1e-3  # log π/μ ≈ 0: π is the sampler
+    # data sampled elsewhere has no behaviour log-probs: one line, before any training
+    from types import SimpleNamespace
+
+    from pipeline.stages.ips.dataset import behaviour_logps
+
+    other = tmp_path / "other"
+    prepare.main(["--data_path", sft_demo_setup["data"]["coderl_train"], "--output_dir", str(other)])
+    with pytest.raises(
+        PipelineError, match="importance_logps: behaviour needs the columns `pipeline collect` writes"
+    ):
+        behaviour_logps(SimpleNamespace(data_path=str(other)), "train", None, 0)

@@ -115,3 +115,20 @@ def test_topr_truncates_the_sequence_ratio_on_negatives():
         want_grad = [[-rewards[i].item() * weights[i][t] / 2 / 3 for t in range(2)] for i in range(3)]
         assert p.grad.tolist() == [pytest.approx(row, abs=1e-12) for row in want_grad], loss_type
         assert stats["clipped_frac"].item() == pytest.approx(truncated), loss_type
+
+
+def test_behaviour_logps_set_the_weights_and_the_reference_keeps_the_kl():
+    """With the sampler's log-probs μ stored, ρ = πθ/μ; the KL term is still to π_ref (by hand)."""
+    mu = [[-0.8, -2.5], [-0.6, -9.0]]
+    policy = torch.tensor(POLICY, dtype=torch.float64, requires_grad=True)
+    loss, stats = ips_loss(policy, torch.tensor(REF, dtype=torch.float64), torch.tensor(MASK),
+                           torch.tensor(REWARDS, dtype=torch.float64), IPSLossConfig(loss_type="ips"),
+                           torch.tensor(mu, dtype=torch.float64))  # fmt: skip
+    loss.backward()
+    rho = [[math.exp(-1.0 + 0.8), math.exp(-2.0 + 2.5)], [math.exp(-0.5 + 0.6), 0]]
+    weights = [[min(rho[0][0], 1.2), min(rho[0][1], 1.2)], [min(rho[1][0], 1.2), 0]]
+    expected_loss, expected_grad = by_hand(weights)  # KL from REF, as without μ
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+    for got_row, want_row in zip(policy.grad.tolist(), expected_grad, strict=True):
+        assert got_row == pytest.approx(want_row, abs=1e-12)
+    assert stats["rho_mean"].item() == pytest.approx((rho[0][0] + rho[0][1] + rho[1][0]) / 3, abs=1e-12)

@@ -1,9 +1,10 @@
 """Offline importance-sampling losses (IPS family), and PPO's pieces (below the IPS loss), in one place.
 
 Per sample i with reward r_i and response tokens t (mask m_t, |y_i| = Σ_t m_t), policy log-probs
-log πθ(y_t) (with gradient) and stored reference log-probs log π_ref(y_t):
+log πθ(y_t) (with gradient), stored reference log-probs log π_ref(y_t) and, where the data's sampler is
+known (`pipeline collect` stores it), the behaviour log-probs log μ(y_t) (else μ = π_ref):
 
-    ρ_t      = exp(log πθ(y_t) − log π_ref(y_t))                       (no gradient flows through ρ)
+    ρ_t      = exp(log πθ(y_t) − log μ(y_t))                           (no gradient flows through ρ)
     ρ̃_t      = clip(ρ_t, is_clip_min, is_clip_max)                     loss_type "ips"  (defaults: none, 1.2)
              = 1 if r_i ≥ 0,  min(1, Π_t ρ_t) if r_i < 0                "topr" (arXiv 2503.14286: the sequence
                                                                         ratio πθ(y|x)/π_ref(y|x), truncated)
@@ -91,11 +92,14 @@ def ips_loss(
     mask: torch.Tensor,
     rewards: torch.Tensor,
     cfg: IPSLossConfig,
+    behaviour_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss above and per-batch statistics. policy/ref logps and mask: [B, T]; rewards: [B]."""
+    """The loss above and per-batch statistics. policy/ref/behaviour logps and mask: [B, T]; rewards: [B].
+    Without behaviour logps, μ is the reference."""
     mask = mask.to(policy_logps.dtype)
     lengths = mask.sum(1).clamp(min=1)
-    weight, truncated, rho = importance_weights(policy_logps, ref_logps, mask, rewards, cfg)
+    mu = ref_logps if behaviour_logps is None else behaviour_logps
+    weight, truncated, rho = importance_weights(policy_logps, mu, mask, rewards, cfg)
     policy_term = (rewards[:, None] * weight * -policy_logps * mask).sum(1) / lengths
     kl = (kl_per_token(policy_logps, ref_logps, cfg.kl_estimator) * mask).sum(1) / lengths
     kl_weight = cfg.kl_coef * torch.where(rewards < 0, cfg.kl_neg_discount, 1.0).to(policy_logps.dtype)

@@ -42,6 +42,13 @@ class IPSConfig(SFTConfig, StageOptions):
         metadata={"help": "ips: clipped per-token ratio; topr: sequence ratio truncated at 1 on negative rewards "
                   "(arXiv 2503.14286); topr_token: the per-token variant; rwr: no ratio. See pipeline.losses."},
     )  # fmt: skip
+    importance_logps: Literal["reference", "behaviour"] = field(
+        default="reference",
+        metadata={"help": "ρ's denominator. reference: the logp stage's stored log-probs (the data is taken as "
+                          "sampled from the reference). behaviour: the log-probs each token was sampled with, "
+                          "which `pipeline collect` stores (`behaviour_logps`): true off-policy weights π/μ. "
+                          "The KL term is to the reference either way."},
+    )  # fmt: skip
     is_clip_min: float | None = field(default=None, metadata={"help": "Lower clip of ρ (ips). Default none."})
     is_clip_max: float | None = field(default=1.2, metadata={"help": "Upper clip of ρ (ips)."})
     kl_coef: float = field(default=0.5, metadata={"help": "Weight of the KL term."})

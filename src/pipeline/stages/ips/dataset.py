@@ -77,13 +77,68 @@ def _dry_run_view(args: IPSConfig, split: str, tokenizer, response_key: str, mod
     })  # fmt: skip
 
 
-def with_rewards(dataset, rewards: np.ndarray):
-    """`reward` added to each row as it is read (rewards[row]), without copying the memory-mapped rows."""
+def with_rewards(dataset, rewards: np.ndarray, behaviour=None):
+    """`reward` (rewards[row]) and, given `behaviour` (flat log-probs, offsets), `behaviour_logps` added to
+    each row as it is read, without copying the memory-mapped rows."""
 
     def add(batch: dict) -> dict:
-        return {**batch, "reward": rewards[np.asarray(batch["row"])].tolist()}
+        rows = np.asarray(batch["row"])
+        out = {**batch, "reward": rewards[rows].tolist()}
+        if behaviour is not None:
+            flat, offsets = behaviour
+            out["behaviour_logps"] = [flat[offsets[r] : offsets[r + 1]].tolist() for r in rows]
+        return out
 
     return dataset.with_transform(add)
+
+
+BEHAVIOUR_COLUMNS = ("behaviour_logps", "behaviour_token_ids")
+
+
+def _spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices starts[i], ..., starts[i] + lengths[i] - 1 for every i, concatenated."""
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return np.repeat(starts.astype(np.int64) - before, lengths) + np.arange(
+        int(lengths.sum()), dtype=np.int64
+    )
+
+
+def behaviour_logps(args: IPSConfig, split: str, view, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat log-probs, row offsets, usable) of the rows' sampled tokens, from the columns `pipeline collect`
+    writes. A row is usable when the tokens it trains on (the response as `tokenize_prompt_response` makes
+    it) are exactly the tokens sampled: not when the answer was cut at max_new_tokens (no EOS was sampled),
+    cut at max_length, or re-tokenizes differently."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.data import prepared_shards
+
+    first = prepared_shards(args.data_path, "rl", split)[0]
+    names = pq.read_schema(first).names
+    if any(c not in names for c in BEHAVIOUR_COLUMNS):
+        raise PipelineError(f"importance_logps: behaviour needs the columns `pipeline collect` writes "
+                            f"({', '.join(BEHAVIOUR_COLUMNS)}); {first} has none of them: use "
+                            "importance_logps: reference for data sampled elsewhere")  # fmt: skip
+    table = read_prepared_split(args.data_path, "rl", split, list(BEHAVIOUR_COLUMNS)).slice(0, n)
+    sampled = table.column("behaviour_token_ids").combine_chunks()
+    logps = table.column("behaviour_logps").combine_chunks()
+    ids = view.data.column("input_ids").combine_chunks()
+    prompt_len = view.data.column("prompt_len").to_numpy()
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False) - prompt_len
+    sampled_len = pc.list_value_length(sampled).fill_null(-1).to_numpy(zero_copy_only=False)
+    logp_len = pc.list_value_length(logps).fill_null(-2).to_numpy(zero_copy_only=False)
+    usable = (lengths == sampled_len) & (logp_len == sampled_len) & (lengths > 0)
+    # the response tokens of every usable row, side by side with the sampled ones
+    rows = np.flatnonzero(usable)
+    span = lengths[rows]
+    trained = ids.values.to_numpy()[_spans(ids.offsets.to_numpy()[rows] + prompt_len[rows], span)]
+    drawn = sampled.values.to_numpy()[_spans(sampled.offsets.to_numpy()[rows], span)]
+    differs = (
+        np.bincount(np.repeat(np.arange(len(rows)), span), weights=trained != drawn, minlength=len(rows)) > 0
+    )
+    usable[rows[differs]] = False
+    flat = logps.values.to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat, logps.offsets.to_numpy(), usable
 
 
 def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, response_key: str,
@@ -127,6 +182,12 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, respons
     elif args.datafilter == "negonly":
         keep &= rewards <= 0
     counts[f"dropped_{args.datafilter}"] = int(has_logps.sum() - keep.sum())
+    behaviour = None
+    if args.importance_logps == "behaviour":
+        flat, offsets, usable = behaviour_logps(args, split, view, n)
+        counts["dropped_behaviour_mismatch"] = int((keep & ~usable).sum())
+        keep &= usable
+        behaviour = (flat, offsets)
     if args.reward_baseline == "prompt_mean":
         rewards = prompt_mean_baseline(rewards, groups, keep)
     rows = np.flatnonzero(keep)
@@ -144,7 +205,7 @@ def build_dataset(args: IPSConfig, split: str, tokenizer, logp_dir: str, respons
     dataset = view.select(rows, keep_in_memory=True).select_columns(
         ["row", "input_ids", "prompt_len", "ref_logps"]
     )
-    return with_rewards(dataset, rewards), counts
+    return with_rewards(dataset, rewards, behaviour), counts
 
 
 class IPSCollator:
@@ -159,6 +220,15 @@ class IPSCollator:
     def __init__(self, pad_id: int, padding_free: bool = False):
         self.pad_id, self.padding_free = pad_id, padding_free
 
+    @staticmethod
+    def behaviour(rows: list[dict], longest: int) -> dict[str, torch.Tensor]:
+        if "behaviour_logps" not in rows[0]:
+            return {}
+        mu = torch.zeros((len(rows), longest), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            mu[i, : len(r["behaviour_logps"])] = torch.tensor(r["behaviour_logps"])
+        return {"behaviour_logps": mu}
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
         longest = max(max(len(r["ref_logps"]) for r in rows), 1)
@@ -170,6 +240,7 @@ class IPSCollator:
         batch = {
             "prompt_len": torch.tensor([r["prompt_len"] for r in rows]),
             "ref_logps": ref,
+            **self.behaviour(rows, longest),
             "response_mask": mask,
             "reward": torch.tensor([r["reward"] for r in rows], dtype=torch.float32),
         }

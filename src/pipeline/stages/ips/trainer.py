@@ -75,8 +75,11 @@ class IPSTrainer(SFTTrainer):
         )
         mode = "train" if model.training else "eval"
         if mode == "train" and not self.mismatch.done:
-            self.check_start_mismatch(policy.detach(), inputs["ref_logps"], mask)
-        loss, stats = ips_loss(policy, inputs["ref_logps"], mask, inputs["reward"], self.loss_config)
+            self.check_start_mismatch(
+                policy.detach(), inputs["ref_logps"], mask, inputs.get("behaviour_logps")
+            )
+        loss, stats = ips_loss(policy, inputs["ref_logps"], mask, inputs["reward"], self.loss_config,
+                               inputs.get("behaviour_logps"))  # fmt: skip
         for key, value in stats.items():
             if torch.isfinite(value):
                 self._metrics[mode][f"ips/{key}"].append(value.item())
@@ -86,10 +89,12 @@ class IPSTrainer(SFTTrainer):
             self._metrics[mode]["ips/response_tokens_per_s"].append(self._tokens / max(elapsed, 1e-9))
         return (loss, out) if return_outputs else loss
 
-    def check_start_mismatch(self, policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> None:
+    def check_start_mismatch(self, policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+                             behaviour: torch.Tensor | None = None) -> None:  # fmt: skip
         """Before the first update: how far the policy's log-probs of its first batch (all ranks) are from the
         stored ones. Recorded in run.json and the tracker; when the policy starts from the reference, where
-        ρ = 1 on every token, a mean |log ρ| above the threshold stops the run."""
+        ρ = 1 on every token, a mean |log ρ| above the threshold stops the run. With behaviour log-probs, the
+        mean |log π/μ| is recorded too (0 when the policy is the sampler at temperature 1)."""
         check = self.mismatch
         check.done = True
         if self.state.global_step > 0:
@@ -105,6 +110,14 @@ class IPSTrainer(SFTTrainer):
         tokens = max(float(every[:, 2].sum()), 1.0)
         stats = {"mean_abs_log_ratio": float(every[:, 0].sum()) / tokens, "max_abs_log_ratio": float(every[:, 3].max()),
                  "k3_kl": float(every[:, 1].sum()) / tokens, "tokens": int(tokens)}  # fmt: skip
+        if behaviour is not None and self.state.global_step == 0:
+            far = (policy - behaviour)[mask].abs()
+            both = self.accelerator.gather(
+                torch.stack([far.sum(), far.new_tensor(float(far.numel()))])[None].double()
+            )
+            stats["behaviour_mean_abs_log_ratio"] = float(both[:, 0].sum()) / max(
+                float(both[:, 1].sum()), 1.0
+            )
         check.record.update(stats)
         for key in ("mean_abs_log_ratio", "max_abs_log_ratio", "k3_kl"):
             self._metrics["train"][f"logp_mismatch/{key}"].append(stats[key])
