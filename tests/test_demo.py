@@ -10,7 +10,8 @@ from pipeline.stages import demo
 STAGE_OUTPUTS = {
     "tiny": "config.json", "data": "sft_train.parquet", "sft": "run.json", "prepare": "manifest.json",
     "logp": "manifest.json", "ips": "run.json", "dpo": "run.json", "rm": "run.json", "ppo": "run.json",
-    "eval": "eval.json",
+    "round_1/collect": "run.json", "round_1/prepare": "manifest.json", "round_1/logp": "manifest.json",
+    "round_1/ips": "run.json", "eval": "eval.json",
 }  # fmt: skip
 
 
@@ -21,10 +22,14 @@ def test_fast_demo_runs_every_stage_then_skips_them(tmp_path, capsys):
         assert (out / stage / output).is_file(), stage
         if output == "run.json":
             assert json.loads((out / stage / output).read_text())["status"] == "completed", stage
-    assert [r["stage"] for r in result["rows"]] == ["base", "sft", "ips", "dpo", "ppo"]
+    assert [r["stage"] for r in result["rows"]] == ["base", "sft", "ips", "dpo", "ppo", "round_1"]
     assert all(0.0 <= r["pass@1"] <= 1.0 for r in result["rows"])
+    assert all(r["seconds"] > 0 for r in result["rows"])  # each policy's training wall time
     table = (out / "pass_at_1.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in table) == 1 + 5  # header + one row per stage
+    assert sum(line.startswith("| ") for line in table) == 1 + 6  # header + one row per stage
+    # the round started from the SFT model and trained on the answers it sampled and the sandbox passed
+    collect_config = json.loads((out / "round_1" / "collect" / "run.json").read_text())["config"]
+    assert collect_config["model_name_or_path"] == str(out / "sft")
     assert (out / "report" / "pass_at_1.png").stat().st_size > 5000
     assert "\\toprule" in (out / "report" / "table.tex").read_text()
     printed = capsys.readouterr().out

@@ -32,30 +32,66 @@ FAST = {
     "rm_steps": 10,
     "ppo_updates": 2,
     "eval_prompts": 16,
+    "rounds": 1,
+    "round_problems": 8,
+    "round_samples": 2,
+    "round_steps": 2,
+    "round_filter": "none",
 }
-POLICIES = ("base", "sft", "ips", "dpo", "ppo")
+# the stages each policy took beyond the one it started from (its row's wall time); round_<k>: its block
+TRAINED_BY = {"base": ("tiny",), "sft": ("sft",), "ips": ("prepare", "logp", "ips"), "dpo": ("dpo",),
+              "ppo": ("rm", "ppo")}  # fmt: skip
+ROUND_STAGES = ("collect", "prepare", "logp", "ips")
+
+
+def stage_seconds(output_dir: Path) -> dict[str, float]:
+    """Each stage's wall time, from the runner's records (`.pipeline/<stage>.json`)."""
+    seconds = {}
+    for marker in (output_dir / ".pipeline").glob("*.json"):
+        try:
+            value = json.loads(marker.read_text()).get("seconds")
+        except ValueError:
+            continue
+        if isinstance(value, (int, float)):
+            seconds[marker.stem] = float(value)
+    return seconds
+
+
+def policy_seconds(name: str, seconds: dict[str, float]) -> float | None:
+    """The wall time of the stages that made policy `name` from its start (None if one is unknown)."""
+    stages = TRAINED_BY.get(name) or (
+        tuple(f"{name}-{s}" for s in ROUND_STAGES) if name.startswith("round_") else ()
+    )
+    if not stages or any(s not in seconds for s in stages):
+        return None
+    return round(sum(seconds[s] for s in stages), 1)
 
 
 def pass_at_1_table(output_dir: Path) -> list[dict]:
-    """One row per stage from the eval stage's run.json: pass@1, its 95% interval and which interval."""
+    """One row per policy from the eval stage's run.json, in its order: pass@1, its 95% interval, which
+    interval, and the wall time of the stages that trained it."""
     info_path = output_dir / "eval" / "run.json"
     if not info_path.is_file():
         raise PipelineError(f"{info_path}: missing; the eval stage did not complete")
-    metrics = json.loads(info_path.read_text())["metrics"]
+    info = json.loads(info_path.read_text())
+    metrics = info["metrics"]
+    seconds = stage_seconds(output_dir)
     rows = []
-    for name in POLICIES:
+    for name in info.get("config", {}).get("model_names") or []:
         if f"{name}/pass@1" in metrics:
             rows.append({"stage": name, "pass@1": metrics[f"{name}/pass@1"],
                          "ci_low": metrics.get(f"{name}/pass@1_ci_low"),
                          "ci_high": metrics.get(f"{name}/pass@1_ci_high"),
                          "interval": metrics.get(f"{name}/pass@1_interval"),
-                         "n": metrics.get("num_prompts")})  # fmt: skip
+                         "n": metrics.get("num_prompts"), "seconds": policy_seconds(name, seconds)})  # fmt: skip
     return rows
 
 
 def write_table(rows: list[dict], output_dir: Path, num_prompts: int) -> tuple[Path, Path]:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["stage", "pass@1", "ci_low", "ci_high", "interval", "n"])
+    writer = csv.DictWriter(
+        buffer, fieldnames=["stage", "pass@1", "ci_low", "ci_high", "interval", "n", "seconds"]
+    )
     writer.writeheader()
     writer.writerows(rows)
     csv_path, md_path = output_dir / "pass_at_1.csv", output_dir / "pass_at_1.md"
@@ -63,10 +99,11 @@ def write_table(rows: list[dict], output_dir: Path, num_prompts: int) -> tuple[P
     methods = sorted({INTERVAL_NAMES[row["interval"]] for row in rows})
     lines = [f"Greedy pass@1 on {num_prompts} held-out synthetic problems (n = {num_prompts} per stage; "
              f"interval: {', '.join(methods) or 'none'})", "",
-             "| stage | pass@1 | n | 95% interval |", "|---|---:|---:|---|"]  # fmt: skip
+             "| stage | pass@1 | n | 95% interval | training wall time (s) |", "|---|---:|---:|---|---:|"]  # fmt: skip
     for row in rows:
         interval = "" if row["ci_low"] is None else f"{row['ci_low']:.3f}–{row['ci_high']:.3f}"
-        lines.append(f"| {row['stage']} | {row['pass@1']:.3f} | {row['n']} | {interval} |")
+        wall = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        lines.append(f"| {row['stage']} | {row['pass@1']:.3f} | {row['n']} | {interval} | {wall} |")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
