@@ -254,3 +254,57 @@ def test_ips_weights_with_the_stored_behaviour_logps(collected, sft_demo_setup, 
         PipelineError, match="importance_logps: behaviour needs the columns `pipeline collect` writes"
     ):
         behaviour_logps(SimpleNamespace(data_path=str(other)), "train", None, 0)
+
+
+def test_vllm_backend_plumbing(tiny_model_dir, sft_task, tmp_path, monkeypatch):
+    """vLLM is not installed here: a stand-in module checks what collect asks of it (the sampled tokens'
+    log-probs under the processed distribution, one seed per batch) and what it makes of the answers."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    asked = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            asked.setdefault("params", []).append(kwargs)
+            self.n = kwargs["n"]
+
+    class LLM:
+        def __init__(self, **kwargs):
+            asked["llm"] = kwargs
+            self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"])
+
+        def get_tokenizer(self):
+            return self.tokenizer
+
+        def generate(self, texts, params, use_tqdm=False):
+            answer = self.tokenizer("def f(x):\n    return x", add_special_tokens=False)["input_ids"]
+            ids = [*answer, self.tokenizer.eos_token_id]
+
+            def output(k):
+                tokens = ids if k == 0 else answer  # the second answer ran out of max_new_tokens
+                return types.SimpleNamespace(token_ids=tokens, text="def f(x):\n    return x",
+                                             finish_reason="stop" if k == 0 else "length",
+                                             logprobs=[{t: types.SimpleNamespace(logprob=-0.5 - k)} for t in tokens])  # fmt: skip
+
+            return [types.SimpleNamespace(outputs=[output(k) for k in range(params.n)]) for _ in texts]
+
+    import importlib.machinery
+
+    fake = types.ModuleType("vllm")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    metrics = run_collect(tiny_model_dir, sft_task["data"]["problems_eval"], tmp_path / "v", "--use_vllm", "true",
+                          "--num_samples", "2", "--max_problems", "3", "--top_k", "0", "--temperature", "0.8")  # fmt: skip
+    assert asked["llm"]["logprobs_mode"] == "processed_logprobs" and asked["llm"]["model"] == str(
+        tiny_model_dir
+    )
+    params = asked["params"][0]
+    assert (params["n"], params["temperature"], params["top_k"], params["logprobs"]) == (2, 0.8, -1, 0)
+    rows = pq.read_table(tmp_path / "v" / "samples.parquet").to_pylist()
+    assert metrics["rows"] == 6 and [r["finish_reason"] for r in rows[:2]] == ["eos", "length"]
+    assert rows[0]["behaviour_logps"] == [-0.5] * len(rows[0]["behaviour_token_ids"])
+    assert json.loads(rows[0]["sampling"])["backend"] == "vllm"
