@@ -18,9 +18,15 @@
 # With WORKER_NUM > 1 every node runs the same command; --num_machines, --machine_rank $NODE_RANK,
 # --main_process_ip $MASTER_ADDR and --main_process_port $MASTER_PORT are added (and DeepSpeed starts its
 # local processes itself: --deepspeed_multinode_launcher standard, no pdsh/ssh).
-# On a machine with no GPU the launch falls back to one CPU process (ds is checked, then not used), so the
-# same command runs a small trial.
+# On a machine with no GPU the launch falls back to one CPU process (ds is checked, then not used; a gpu=N
+# copied from a GPU node's job says so in one line), so the same command runs a small trial; with
+# WORKER_NUM > 1 and no GPU, or gpu=N above the GPUs visible, it stops with one line instead.
+# The launch goes through `python -m pipeline.launch` with the interpreter of this checkout's .venv (else
+# $PYTHON, else python3): a stage's one-line error is then the last line of the output, once, exit status 2.
 LAUNCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$LAUNCH_ROOT/.venv/bin/python" ]; then PY=$LAUNCH_ROOT/.venv/bin/python
+else PY=$(command -v python3 || command -v python); fi
 DS_NAMES="zero2 zero3 zero3_offload fsdp2 ddp single_gpu multi_node"
 
 detect_gpus() {
@@ -54,13 +60,32 @@ ds_flags() {
 
 # launch_prefix [DS]: sets LAUNCH (the accelerate command up to the module) and ON_CPU (1 or 0)
 launch_prefix() {
-  local gpus=${gpu:-$(detect_gpus)}
+  local visible; visible=$(detect_gpus)
+  local gpus=${gpu:-$visible}
   local nodes=${WORKER_NUM:-1}
-  local per_node=${NUM_GPUS:-$gpus}
+  local me; me=$(basename "$0")
+  case "$gpus" in ''|*[!0-9]*) echo "$me: error: gpu='$gpus' must be a whole number of GPUs per node" >&2; exit 2 ;; esac
   ds_flags "${1:-ddp}"
-  if [ "${gpus:-0}" -eq 0 ]; then
+  if [ "${dryrun:-0}" = "1" ]; then visible=$gpus; fi  # a dry run prints the command for the node asked for
+  if [ "$gpus" -gt 0 ] && [ "$visible" -eq 0 ]; then
+    if [ "$nodes" -gt 1 ]; then
+      echo "$me: error: gpu=$gpus and WORKER_NUM=$nodes, but no GPU is visible on this node (nvidia-smi finds none); run it on the GPU nodes" >&2
+      exit 2
+    fi
+    echo "$me: gpu=$gpus asked, but no GPU is visible here: running the CPU trial (one process${1:+, without ds=$1})" >&2
+    gpus=0
+  elif [ "$gpus" -gt "$visible" ]; then
+    echo "$me: error: gpu=$gpus asked, but this node has $visible GPU(s) visible; set gpu=$visible or less" >&2
+    exit 2
+  fi
+  local per_node=${NUM_GPUS:-$gpus}
+  if [ "$gpus" -eq 0 ]; then
+    if [ "$nodes" -gt 1 ]; then
+      echo "$me: error: WORKER_NUM=$nodes, but no GPU is visible on this node; a CPU trial runs on one node only (unset WORKER_NUM)" >&2
+      exit 2
+    fi
     ON_CPU=1
-    LAUNCH=(accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no)
+    LAUNCH=("$PY" -m pipeline.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no)
     return
   fi
   ON_CPU=0
@@ -69,7 +94,7 @@ launch_prefix() {
     per_node=1
   fi
   local total=$((per_node * nodes))
-  LAUNCH=(accelerate launch "${DS_FLAGS[@]}" --num_processes "$total" --num_machines "$nodes" --mixed_precision bf16)
+  LAUNCH=("$PY" -m pipeline.launch "${DS_FLAGS[@]}" --num_processes "$total" --num_machines "$nodes" --mixed_precision bf16)
   if [ "$DS_KIND" = ddp ] && [ "$total" -gt 1 ]; then LAUNCH+=(--multi_gpu); fi
   if [ "$nodes" -gt 1 ]; then
     LAUNCH+=(--machine_rank "${NODE_RANK:?NODE_RANK is required when WORKER_NUM > 1}"

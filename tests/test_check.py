@@ -564,7 +564,10 @@ def test_train_script_ds_names_pass_accelerates_launcher(name, nodes, monkeypatc
         assert proc.returncode == 2 and "one process" in proc.stderr
         return
     argv = _dry_run("train.sh", nodes, ds=name)
-    assert argv[:2] == ["accelerate", "launch"] and argv[argv.index("-m") + 1 : argv.index("-m") + 3] == [
+    assert argv[1:3] == ["-m", "pipeline.launch"] and argv[
+        argv.index("pipeline.cli") - 1 : argv.index("pipeline.cli") + 2
+    ] == [
+        "-m",
         "pipeline.cli",
         "ips",
     ]
@@ -572,7 +575,7 @@ def test_train_script_ds_names_pass_accelerates_launcher(name, nodes, monkeypatc
         argv[i + 1] for i, a in enumerate(argv) if a in ("--config_file", "--deepspeed_config_file")
     ):
         assert Path(value).is_absolute() and Path(value).is_file()  # the scripts work from any directory
-    args = launch_command_parser().parse_args(argv[2:])
+    args = launch_command_parser().parse_args(argv[3:])
     args, defaults, _ = _validate_launch_command(args)
     kind, json_name, zero3_init = EXPECTED[name]
     expected_processes = 1 if kind == "single" else 8 * nodes
@@ -603,14 +606,14 @@ def test_train_script_ds_names_pass_accelerates_launcher(name, nodes, monkeypatc
 
 def test_scripts_ds_paths_and_errors(tmp_path):
     argv = _dry_run("train.sh", ds=str(REPO / "deepspeed_configs/zero3.json"))
-    assert argv[2:5] == [
+    assert argv[3:6] == [
         "--use_deepspeed",
         "--deepspeed_config_file",
         str(REPO / "deepspeed_configs/zero3.json"),
     ]
     argv = _dry_run("train.sh", 2, ds=str(REPO / "deepspeed_configs/zero3.json"))
     assert argv[argv.index("--deepspeed_multinode_launcher") + 1] == "standard"
-    assert _dry_run("train.sh", ds=str(REPO / "accelerate_configs/fsdp2.yaml"))[2:4] == [
+    assert _dry_run("train.sh", ds=str(REPO / "accelerate_configs/fsdp2.yaml"))[3:5] == [
         "--config_file", str(REPO / "accelerate_configs/fsdp2.yaml")]  # fmt: skip
     env = {**os.environ, "dryrun": "1", "gpu": "8", "ds": "zero4"}
     proc = subprocess.run(
@@ -626,4 +629,37 @@ def test_scripts_ds_paths_and_errors(tmp_path):
     )
     assert proc.returncode == 0 and "shards nothing" in proc.stderr and "--multi_gpu" in proc.stdout.split()
     # no GPU: one CPU process, no DeepSpeed, whatever ds says
-    assert _dry_run("train.sh", gpu="0", ds="zero3")[2:5] == ["--cpu", "--num_processes", "1"]
+    assert _dry_run("train.sh", gpu="0", ds="zero3")[3:6] == ["--cpu", "--num_processes", "1"]
+
+
+def test_scripts_check_the_gpus_they_are_asked_for(tmp_path):
+    """gpu=N against the GPUs this node has (a stand-in nvidia-smi lists 2): more than visible is one line and
+    status 2; WORKER_NUM > 1 on a node without GPUs too; a gpu= that is not a number too."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'GPU 0: H100 (UUID: a)'\necho 'GPU 1: H100 (UUID: b)'\n"
+    )
+    (fake / "nvidia-smi").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("WORKER_NUM", "dryrun")}
+    cases = [
+        (
+            {"PATH": f"{fake}:{os.environ['PATH']}", "gpu": "8"},
+            "gpu=8 asked, but this node has 2 GPU(s) visible",
+        ),
+        (
+            {"gpu": "8", "WORKER_NUM": "2", "NODE_RANK": "0", "MASTER_ADDR": "n0"},
+            "no GPU is visible on this node",
+        ),
+        ({"gpu": "eight"}, "gpu='eight' must be a whole number"),
+    ]
+    for env, message in cases:
+        for script, args in (("train.sh", [*"dmtrkn"]), ("run_logp.sh", ["d", "m", "t"])):
+            proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args], capture_output=True, text=True,
+                                  env={**base, **env}, timeout=60)  # fmt: skip
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (
+                script,
+                env,
+                proc.stderr,
+            )

@@ -105,17 +105,27 @@ def test_rows_without_logps(tmp_path, chain, tiny_model_dir):
 
 
 def test_train_script_runs_on_cpu(tmp_path, chain, tiny_model_dir):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "gpu": "0",
+    """`gpu=8` copied from a GPU node's job: one line says so and the CPU trial runs. A stage's refusal (logps
+    made at another max_length) is then the last line of the output, once, with no traceback, status 2."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "gpu": "8", "ds": "zero3",
            "ml": str(MAX_LENGTH), "bsz": "4", "gacc": "1", "lr": "1000", "out": str(tmp_path / "o")}  # fmt: skip
+    env.pop("WORKER_NUM", None)
     cmd = ["bash", str(REPO / "scripts/train.sh"), str(chain / "prepared"), str(tiny_model_dir), "ref", "reward",
            "unprocessed_response", "posonly", "--max_steps", "2", "--save_strategy", "no"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.sh: gpu=8 asked, but no GPU is visible here: running the CPU trial" in proc.stderr
     info = json.loads((tmp_path / "o" / "run.json").read_text())
     assert (
         info["config"]["learning_rate"] == pytest.approx(1e-3) and info["config"]["datafilter"] == "posonly"
     )
     assert info["metrics"]["global_step"] == 2
+    bad = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ml": str(2 * MAX_LENGTH),
+                         "out": str(tmp_path / "o2")}, timeout=300)  # fmt: skip
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert lines[-1].startswith("pipeline ips: error: ") and "max_length" in lines[-1], lines[-5:]
+    assert sum("pipeline ips: error:" in line for line in lines) == 1
 
 
 def test_padding_free_batches_give_the_same_loss(tmp_path, chain, tiny_model_dir):

@@ -6,6 +6,7 @@ Stage modules are imported lazily so `pipeline --help` answers without importing
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from pipeline import __version__
@@ -122,6 +123,18 @@ def close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def report_error(line: str) -> None:
+    """A stage's one-line error: on stderr; under `python -m pipeline.launch`, to its error file instead,
+    tagged with the rank, so that the launcher prints it once, last (see `pipeline.launch`)."""
+    path = os.environ.get("PIPELINE_ERROR_FILE")
+    if not path:
+        print(line, file=sys.stderr)
+        return
+    rank = os.environ.get("RANK", "0")
+    with open(path, "a", encoding="utf-8") as f:  # one short append per rank: lines do not interleave
+        f.write(f"{rank}\t{line}\n")
+
+
 def run_stage(stage: str, argv: list[str]):
     """Import the stage's module and call its `main(argv)`; returns whatever the stage returns."""
     from pipeline.runinfo import close_logging
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_stage(stage, rest)
     except PipelineError as err:
-        print(f"pipeline {stage}: error: {err}", file=sys.stderr)
+        report_error(f"pipeline {stage}: error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
         print(f"pipeline {stage}: interrupted", file=sys.stderr)
