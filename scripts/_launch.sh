@@ -116,3 +116,34 @@ path_name() {
     ""|.|..|*/*) echo "$(basename "$0"): error: $1 '$2' becomes part of a folder name: use a name without '/', and not '.' or '..'" >&2; exit 2 ;;
   esac
 }
+
+# prepared_data DATA REWARDKEY RSPKEY: sets PREPARED and RAW (1 when DATA is the users' raw logged parquet).
+# A `pipeline prepare` output is used as it is. Raw data (a parquet file, a glob or a folder of them) is
+# prepared first, with REWARDKEY/RSPKEY naming its columns, into STEM_prepared (knob `prep` overrides): the
+# folder is reused when complete and made from the same files and settings, and prepared again when the
+# data changed. With several nodes, node 0 prepares (the folder must be on a shared filesystem) and the
+# others wait for it.
+prepared_data() {
+  local data=${1%/} me; me=$(basename "$0")
+  RAW=0; PREPARED=$data
+  if [ -f "$data/manifest.json" ] && grep -q '"stage": "prepare"' "$data/manifest.json"; then return; fi
+  if [ ! -e "$data" ] && ! compgen -G "$data" >/dev/null; then return; fi  # not there: the stage says so
+  RAW=1
+  local stem=${data%.parquet}; stem=${stem//\*/all}
+  PREPARED=${prep:-${stem}_prepared}
+  local args=(--data_path "$1" --output_dir "$PREPARED" --reward_key "$2" --response_key "$3" --reuse true)
+  if [ "${dryrun:-0}" = "1" ]; then printf '%q ' "$PY" -m pipeline.cli prepare "${args[@]}" >&2; echo >&2; return; fi
+  if [ "${NODE_RANK:-0}" = "0" ]; then
+    echo "$me: preparing the raw data $1 -> $PREPARED (reused when complete and unchanged)" >&2
+    "$PY" -m pipeline.cli prepare "${args[@]}" >&2
+  else
+    local waited=0
+    until [ -f "$PREPARED/manifest.json" ]; do
+      sleep 10; waited=$((waited + 10))
+      if [ "$waited" -ge "${prep_wait:-3600}" ]; then
+        echo "$me: error: node ${NODE_RANK} waited ${waited} s for node 0 to prepare $PREPARED (a shared filesystem is required)" >&2
+        exit 2
+      fi
+    done
+  fi
+}

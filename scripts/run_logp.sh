@@ -3,9 +3,12 @@
 #
 #   scripts/run_logp.sh DATAPATH MODELPATH TAG        # writes DATAPATH_TAG_logp/
 #
+# DATAPATH: a `pipeline prepare` output, or the raw logged parquet (a file, glob or folder): that is prepared
+# first into STEM_prepared with rkey (reward column, default normalized_reward) and rspkey (response column,
+# default unprocessed_response), reused when complete and unchanged, and the logps go to STEM_prepared_TAG_logp.
 # Knobs (environment): bsz (rows per device batch, default 8), ml (max prompt+response tokens, default 2000),
 # gpu (processes per node), multi-node: WORKER_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT, NUM_GPUS;
-# out (output folder, default DATAPATH_TAG_logp); dryrun=1 prints the command. Extra arguments after TAG
+# logpout (output folder, default DATAPATH_TAG_logp; `out` is train.sh's model folder and is not read here); dryrun=1 prints the command. Extra arguments after TAG
 # are passed to `pipeline logp` (e.g. --part_rows 2048). Rerunning the same command resumes.
 # Scoring is data-parallel: every process holds the whole reference model in bf16 and scores its own parts,
 # so ZeRO/FSDP would shard nothing. ds= (see scripts/_launch.sh) is checked and then only ddp (default),
@@ -18,6 +21,8 @@ if [ $# -lt 3 ]; then
 fi
 datapath=${1%/}; modelpath=$2; tag=$3; shift 3
 source "$(dirname "$0")/_launch.sh"
+prepared_data "$datapath" "${rkey:-normalized_reward}" "${rspkey:-unprocessed_response}"
+datapath=$PREPARED
 path_name TAG "$tag"
 logp_ds=${ds:-ddp}
 ds_flags "$logp_ds"
@@ -27,6 +32,9 @@ if [ "$DS_KIND" != ddp ] && [ "$DS_KIND" != single ]; then
 fi
 launch_prefix "$logp_ds"
 bsz=${bsz:-8}; ml=${ml:-2000}
+if [ -n "${out:-}" ] && [ -z "${logpout:-}" ]; then
+  echo "run_logp.sh: out=$out is train.sh's model folder, not read here; the logps go to ${datapath}_${tag}_logp (set logpout= to move them)" >&2
+fi
 run_or_print "${LAUNCH[@]}" -m pipeline.cli logp \
   --data_path "$datapath" --model_name_or_path "$modelpath" --tag "$tag" \
-  --output_dir "${out:-${datapath}_${tag}_logp}" --max_length "$ml" --token_budget $((bsz * ml)) "$@"
+  --output_dir "${logpout:-${datapath}_${tag}_logp}" --max_length "$ml" --token_budget $((bsz * ml)) "$@"

@@ -3,8 +3,11 @@
 #
 #   scripts/train.sh DATAPATH MODELPATH TAG REWARDKEY RSPKEY DATAFILTER [extra pipeline ips flags]
 #
-# DATAPATH: a `pipeline prepare` output; its logps are read from DATAPATH_TAG_logp (run_logp.sh's naming).
-# REWARDKEY: reward column of the rl view (`reward` = after prepare's transforms, or the raw column name).
+# DATAPATH: a `pipeline prepare` output, or the raw logged parquet (a file, glob or folder) as run_logp.sh
+# took it: that is prepared (or reused) into STEM_prepared with REWARDKEY and RSPKEY naming its columns, and
+# training reads prepare's `reward` column. The logps are read from PREPARED_TAG_logp (run_logp.sh's naming).
+# REWARDKEY: with a prepared DATAPATH, the rl view's column to train on (`reward` = after prepare's
+# transforms, or the raw column's name); with raw data, the raw reward column (the old scripts' meaning).
 # RSPKEY: response column (must be the one the logps scored). DATAFILTER: none | posonly | negonly.
 # Knobs (environment): bsz (per device, 4), gacc (gradient accumulation, 8), lr (in 1e-6: lr=10 is 1e-5;
 # default 1), gpu (processes per node), kl (0.5), ml (max tokens, 2000), proj (W&B project; unset: no W&B),
@@ -27,16 +30,21 @@ fi
 datapath=${1%/}; modelpath=$2; tag=$3; rewardkey=$4; rspkey=$5; datafilter=$6; shift 6
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/_launch.sh"
+prepared_data "$datapath" "$rewardkey" "$rspkey"
+datapath=$PREPARED; trainkey=$rewardkey
+if [ "$RAW" = 1 ]; then trainkey=reward; fi
 path_name TAG "$tag"; path_name REWARDKEY "$rewardkey"; path_name DATAFILTER "$datafilter"
 launch_prefix "${ds:-zero2}"
+outdir=${out:-${datapath}_${tag}_ips_${rewardkey}_${datafilter}_lr${lr:-1}_kl${kl:-0.5}_bs${bsz:-4}x${gacc:-8}_ml${ml:-2000}_ep${numepoch:-3}}
 report=(--report_to none)
-if [ -n "${proj:-}" ]; then export WANDB_PROJECT=$proj; report=(--report_to wandb); fi
+# the W&B run is named from the knobs, as the old scripts did (the output folder's name holds them all)
+if [ -n "${proj:-}" ]; then export WANDB_PROJECT=$proj; report=(--report_to wandb --run_name "$(basename "$outdir")"); fi
 bf16=false; if [ "$ON_CPU" = 0 ]; then bf16=true; fi
 run_or_print "${LAUNCH[@]}" -m pipeline.cli ips \
   --data_path "$datapath" --model_name_or_path "$modelpath" --ref_tag "$tag" \
   --logp_dir "${datapath}_${tag}_logp" \
-  --output_dir "${out:-${datapath}_${tag}_ips_${rewardkey}_${datafilter}_lr${lr:-1}_kl${kl:-0.5}_bs${bsz:-4}x${gacc:-8}_ml${ml:-2000}_ep${numepoch:-3}}" \
-  --reward_key "$rewardkey" --response_key "$rspkey" --datafilter "$datafilter" \
+  --output_dir "$outdir" \
+  --reward_key "$trainkey" --response_key "$rspkey" --datafilter "$datafilter" \
   --per_device_train_batch_size "${bsz:-4}" --gradient_accumulation_steps "${gacc:-8}" \
   --learning_rate "${lr:-1}e-6" --kl_coef "${kl:-0.5}" --max_length "${ml:-2000}" \
   --num_train_epochs "${numepoch:-3}" --bf16 "$bf16" --gradient_checkpointing false \

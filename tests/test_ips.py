@@ -309,3 +309,38 @@ def test_max_train_samples_trains_on_that_many_rows(tmp_path, chain, tiny_model_
     result = run_ips(chain, tiny_model_dir, tmp_path / "o", "--max_train_samples", "12", "--max_steps", "1")
     assert result["train_used_rows"] == 12 == result["train_limited_to_max_train_samples"]
     assert result["train_rows"] == len(train_rewards(chain)) > 12
+
+
+def test_scripts_take_the_raw_logged_parquet(tmp_path, task_data, tiny_model_dir):
+    """The users' first two commands on their raw logged parquet, as the old scripts took it: run_logp.sh
+    prepares it (rkey/rspkey) and scores it; train.sh reuses that preparation and trains. A W&B run would be
+    named from the knobs."""
+    import shutil
+
+    raw = tmp_path / "logs.parquet"
+    shutil.copy(task_data["coderl_train"], raw)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "gpu": "0",
+           "ml": str(MAX_LENGTH), "bsz": "4", "gacc": "1", "rkey": "normalized_reward"}  # fmt: skip
+    env.pop("WORKER_NUM", None)
+    logp_run = subprocess.run(["bash", str(REPO / "scripts/run_logp.sh"), str(raw), str(tiny_model_dir), "ref"],
+                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert logp_run.returncode == 0, logp_run.stderr[-3000:]
+    prepared = tmp_path / "logs_prepared"
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["config"]["reward_key"] == "normalized_reward" and manifest["rows_in"] > 0
+    assert (tmp_path / "logs_prepared_ref_logp" / "manifest.json").is_file()
+    stamp = (prepared / "manifest.json").stat().st_mtime_ns
+    cmd = ["bash", str(REPO / "scripts/train.sh"), str(raw), str(tiny_model_dir), "ref", "normalized_reward",
+           "unprocessed_response", "none", "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
+    train_run = subprocess.run(cmd, capture_output=True, text=True, env={**env, "out": str(tmp_path / "o")},
+                               timeout=300)  # fmt: skip
+    assert train_run.returncode == 0, train_run.stderr[-3000:]
+    assert (prepared / "manifest.json").stat().st_mtime_ns == stamp  # reused, not prepared again
+    config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
+    assert config["data_path"] == str(prepared) and config["reward_key"] == "reward"
+    assert config["logp_dir"] == f"{prepared}_ref_logp"
+    named = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "dryrun": "1", "proj": "p"}, timeout=60
+    )
+    words = named.stdout.split()
+    assert words[words.index("--run_name") + 1] == words[words.index("--output_dir") + 1].rsplit("/", 1)[-1]

@@ -99,6 +99,7 @@ def test_logps_equal_naive_full_vocab_fp32(tmp_path, prepared, tiny_model_dir, f
         truncated += stored[row["uid"]]["truncated"]
         prefixed += len(messages) == 2
     assert truncated >= 3 and prefixed >= 3  # the cases this test exists for really occurred
+    assert sum(manifest["truncated"].values()) == truncated  # every cut response is counted in the manifest
     assert manifest["max_length"] == MAX_LENGTH and manifest["dtype"] == "float32"
     assert manifest["tokenizer_fingerprint"] and manifest["model_fingerprint"]
 

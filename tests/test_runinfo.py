@@ -57,6 +57,7 @@ def test_secrets_are_not_recorded(tmp_path):
 
 
 def test_wandb_goes_offline_into_output_dir_without_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` either
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
@@ -67,6 +68,21 @@ def test_wandb_goes_offline_into_output_dir_without_key(tmp_path, monkeypatch):
     # a second in-process run moves to its own folder
     runinfo.setup_tracking("wandb", tmp_path / "run2")
     assert os.environ["WANDB_DIR"] == str((tmp_path / "run2").resolve())
+
+
+def test_wandb_login_is_honoured(tmp_path, monkeypatch):
+    """`wandb login` writes the key to ~/.netrc: that counts as logged in, without WANDB_API_KEY."""
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    runinfo.setup_tracking("wandb", tmp_path / "run")
+    assert "WANDB_MODE" not in os.environ
+    netrc_file.write_text("machine example.com\n  login a\n  password b\n")
+    runinfo.setup_tracking("wandb", tmp_path / "run")
+    assert os.environ["WANDB_MODE"] == "offline"
 
 
 def test_wandb_online_when_key_present_and_untouched_when_not_reporting(tmp_path, monkeypatch):

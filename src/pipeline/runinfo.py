@@ -213,6 +213,18 @@ def setup_logging(output_dir: str | os.PathLike, level: int = logging.INFO) -> P
     return log_path
 
 
+def _wandb_login_saved() -> bool:
+    """Whether `wandb login` saved a key for the W&B host (in ~/.netrc, or $NETRC): only whether the entry
+    exists is used; the key is not kept, logged or passed on (wandb reads it itself)."""
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def setup_tracking(report_to: Any, output_dir: str | os.PathLike) -> None:
     """Make W&B safe by default: offline (into the output dir) unless WANDB_API_KEY is set.
 
@@ -221,10 +233,12 @@ def setup_tracking(report_to: Any, output_dir: str | os.PathLike) -> None:
     targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if not any(t in ("wandb", "all") for t in targets):
         return
-    if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or _wandb_login_saved()
+    if not logged_in and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
         os.environ["WANDB_MODE"] = "offline"
         logger.info(
-            "W&B: no WANDB_API_KEY in the environment, logging offline (sync later with `wandb sync`)"
+            "W&B: no WANDB_API_KEY in the environment and no `wandb login`, logging offline "
+            "(sync later with `wandb sync`)"
         )
     # runs go into their own output dir unless the user chose WANDB_DIR before the process started
     if "WANDB_DIR" not in os.environ or os.environ.get("_PIPELINE_WANDB_DIR") == os.environ["WANDB_DIR"]:

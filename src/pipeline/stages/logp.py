@@ -190,6 +190,13 @@ def verify_output(output_dir: Path, inputs: list[SplitInput]) -> dict[str, int]:
     return counts
 
 
+def count_truncated(output_dir: Path, inputs: list[SplitInput]) -> dict[str, int]:
+    """Rows per split whose response was cut to fit max_length (their stored logps cover the kept tokens)."""
+    return {split.name: sum(pc.sum(pq.read_table(p, columns=["truncated"]).column("truncated")).as_py() or 0
+                            for p in sorted(output_dir.glob(f"{split.name}-part-*.parquet")))
+            for split in inputs}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ migration
 
 
@@ -381,9 +388,14 @@ def main(argv: list[str] | None = None) -> dict:
         part_path(output_dir, s.name, i).is_file() for s in inputs for i in range(-(-s.total // cfg.part_rows))
     )):  # fmt: skip
         counts = verify_output(output_dir, inputs)
-        manifest = {**job, "stage": "logp", "config": asdict(cfg), "rows": counts, "response_column": response_key,
-                    "prepare_manifest": prepare_manifest, "world_size": state.num_processes}  # fmt: skip
+        truncated = count_truncated(output_dir, inputs)
+        manifest = {**job, "stage": "logp", "config": asdict(cfg), "rows": counts, "truncated": truncated,
+                    "response_column": response_key, "prepare_manifest": prepare_manifest,
+                    "world_size": state.num_processes}  # fmt: skip
         atomic_write_text(output_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         logger.info("logp: %s rows scored into %s", counts, output_dir)
+        if any(truncated.values()):
+            logger.warning("logp: responses cut to fit max_length %d (prompt + response tokens): %s rows",
+                           cfg.max_length, truncated)  # fmt: skip
     state.wait_for_everyone()
     return manifest

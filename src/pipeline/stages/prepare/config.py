@@ -96,6 +96,14 @@ class PrepareConfig:
             "(any other folder is refused)."
         },
     )
+    reuse: bool = field(
+        default=False,
+        metadata={"help": "Keep output_dir as it is when it is a complete prepare output of the same files "
+                          "(paths, sizes, sha256) and the same settings; else prepare it again (implies overwrite)."},
+    )  # fmt: skip
+
+    # fields that do not change the output (a rerun with another value may reuse it)
+    NOT_OUTPUT = ("output_dir", "overwrite", "reuse", "num_proc", "batch_rows")
 
 
 def raw_column_name(cfg: PrepareConfig) -> str:

@@ -48,7 +48,7 @@ def check_config(cfg: PrepareConfig) -> set[str]:
         raise PipelineError(f"max_text_bytes must be >= 1, got {cfg.max_text_bytes}")
     if cfg.max_length is not None and not cfg.tokenizer_name_or_path:
         raise PipelineError("max_length needs tokenizer_name_or_path (the length is counted in its tokens)")
-    if Path(cfg.output_dir).exists() and not cfg.overwrite:
+    if Path(cfg.output_dir).exists() and not (cfg.overwrite or cfg.reuse):
         raise PipelineError(f"output_dir '{cfg.output_dir}' exists; choose another or pass --overwrite true")
     return views
 
@@ -179,11 +179,37 @@ def build_manifest(cfg, sources, rows_in, rows_out, drops, tok_fingerprint, star
     }
 
 
+def reusable(cfg: PrepareConfig, files: list[str]) -> dict | None:
+    """The manifest of output_dir when it is a complete prepare output of these very files (path, size,
+    sha256: cached per size and mtime) with the same output-deciding settings; else None."""
+    from pipeline.logp_store import cached_sha256
+
+    path = Path(cfg.output_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("stage") != "prepare" or manifest.get("schema_version") != SCHEMA_VERSION:
+        return None
+    ours = {k: v for k, v in asdict(cfg).items() if k not in PrepareConfig.NOT_OUTPUT}
+    theirs = {k: v for k, v in (manifest.get("config") or {}).items() if k not in PrepareConfig.NOT_OUTPUT}
+    if ours != theirs or manifest.get("tokenizer_fingerprint") != tokenizer_fingerprint_of(cfg):
+        return None
+    recorded = [(s.get("path"), s.get("sha256")) for s in manifest.get("sources") or []]
+    current = [(os.path.abspath(f), cached_sha256(Path(f))) for f in files]
+    return manifest if recorded == current else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_stage_args(CONFIG_CLASSES, argv, "prepare")
     started = time.time()
     views = check_config(cfg)
     out, files = Path(cfg.output_dir), resolve_files(cfg.data_path, "data_path")
+    if cfg.reuse and (manifest := reusable(cfg, files)) is not None:
+        logger.info("prepare: %s is complete, from the same files and settings: reused", out)
+        print(json.dumps({"output_dir": str(out), "reused": True, "rows_in": manifest["rows_in"],
+                          "rows_out": manifest["rows_out"], "drops": manifest["drops"]}))  # fmt: skip
+        return manifest
     inputs = [*files, cfg.tokenizer_name_or_path]
     outputs.check_replaceable(out, "prepare", inputs)
     tok_fingerprint = tokenizer_fingerprint_of(cfg)
