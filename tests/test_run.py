@@ -338,3 +338,51 @@ def test_rounds_bad_blocks_are_one_line(tmp_path):
     )
     with pytest.raises(PipelineError, match="only known after a rounds block"):
         run.load_pipeline(path)
+
+
+def test_multi_node_runs_substitute_launch_settings_per_node(tmp_path, calls, monkeypatch):
+    """Every node runs the same pipeline file: `${env.X}` in `launch:` takes each node's value; a stage without
+    `launch:` runs on node 0 alone (the others wait for its marker); launched stages run on every node."""
+    import subprocess
+
+    from pipeline.stages.run import execute
+
+    made, _ = calls
+    launched = []
+
+    def fake_launch(command, check=False):
+        launched.append(command)
+        out = command[command.index("--output_dir") + 1]
+        from pathlib import Path
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "run.json").write_text(json.dumps({"status": "completed"}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(execute.subprocess, "run", fake_launch)
+    stages = """\
+  - {name: a, stage: prepare, args: {eval_fraction: 0}}
+  - name: b
+    stage: logp
+    args: {data_path: "${a.output_dir}", max_length: 64}
+    launch: {num_machines: 2, machine_rank: "${env.NODE_RANK}", main_process_ip: "${env.MASTER_ADDR}"}
+"""
+    path = write_pipeline(tmp_path / "p.yaml", stages)
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("PIPELINE_NODE_WAIT_S", "0.2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    with pytest.raises(PipelineError, match="node 1 waited 0.2 s for node 0 to run it"):
+        run.main([path])  # node 1 alone: stage a never appears
+    assert made == [] and launched == []
+    monkeypatch.setenv("NODE_RANK", "0")
+    run.main([path])
+    assert [stage for stage, _ in made] == ["prepare"]
+    assert arg(launched[0], "machine_rank") == "0" and arg(launched[0], "main_process_ip") == "node0"
+    # a change to the launched stage: node 1 joins it with its own rank and leaves the marker to node 0
+    path = write_pipeline(tmp_path / "p.yaml", stages.replace("max_length: 64", "max_length: 128"))
+    monkeypatch.setenv("NODE_RANK", "1")
+    summary = run.main([path])
+    assert [r["action"] for r in summary["points"]["0"]] == ["skip", "ran"] and len(made) == 1
+    assert arg(launched[1], "machine_rank") == "1"
+    marker = json.loads((tmp_path / "out" / ".pipeline" / "b.json").read_text())
+    assert "128" not in json.dumps(marker["argv"])  # still node 0's record of the first config

@@ -34,6 +34,12 @@ iteration: collect -> prepare -> logp -> ips, or collect -> prepare -> dpo). Rou
 after it `${rounds.policies}` / `${rounds.names}` list every round's policy folder and name (see
 `pipeline.stages.run.rounds`, which also explains the `reference` default).
 
+**Several nodes.** Every node runs the same `pipeline run` with its `NODE_RANK` (0 on the first). `launch:`
+values are substituted on each node, `${env.NAME}` being that node's environment variable (e.g.
+`machine_rank: "${env.NODE_RANK}"`); launched stages run on every node, the others on node 0 alone while
+the rest wait for their markers (`PIPELINE_NODE_WAIT_S`, default a day). The output folder must be on a
+filesystem every node sees. A Slurm example: docs/slurm.md.
+
 **Skip / rerun.** A stage's fingerprint hashes its stage name, resolved arguments, its recipe file's
 *content*, and the fingerprints of the stages it references. After a stage completes, the runner records
 the fingerprint in `<run dir>/.pipeline/<name>.json`. A stage whose recorded fingerprint matches and whose

@@ -78,11 +78,37 @@ def input_paths(args: dict[str, Any]) -> list[str]:
     return found
 
 
+def node_rank() -> int:
+    """This node's rank in a multi-node run (`NODE_RANK`, as the scripts use it; 0 when unset)."""
+    value = os.environ.get("NODE_RANK", "0") or "0"
+    if not value.isdigit():
+        raise PipelineError(f"NODE_RANK={value!r}: expected a whole number (this node's rank)")
+    return int(value)
+
+
+def wait_for_node_zero(stage: PlannedStage, log) -> dict:
+    """On another node, a stage without `launch:` runs on node 0 alone: wait for its marker."""
+    from pipeline.stages.run.plan import output_complete, read_marker
+
+    limit = float(os.environ.get("PIPELINE_NODE_WAIT_S", "86400"))
+    log(f"[{stage.spec.name}] node {node_rank()}: waiting for node 0 to run it (shared filesystem)")
+    started = time.time()
+    while True:
+        marker = read_marker(stage.run_dir, stage.spec.name) or {}
+        if marker.get("fingerprint") == stage.fingerprint and output_complete(stage.output_dir):
+            return {"stage": stage.spec.name, "action": "skip", "reason": "done by node 0"}
+        if time.time() - started >= limit:
+            raise PipelineError(f"stage '{stage.spec.name}': node {node_rank()} waited {limit:g} s for node 0 to "
+                                "run it; node 0 must run the same pipeline, on a filesystem both nodes see")  # fmt: skip
+        time.sleep(min(10.0, max(limit / 10, 0.05)))
+
+
 def launch_command(stage: PlannedStage) -> list[str]:
-    launch = dict(stage.spec.launch or {})
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch = dict(stage.launch or stage.spec.launch or {})
+    # accelerate launch's arguments, through `pipeline.launch`: a stage's error is then one line, last
+    command = [sys.executable, "-m", "pipeline.launch"]
     for key, value in launch.items():
-        command += [f"--{key}", str(value)]
+        command += [f"--{key}"] if value in ("", True, None) else [f"--{key}", str(value)]  # a bare flag
     return command + ["-m", "pipeline.cli", stage.spec.stage, *stage.argv()]
 
 
@@ -90,6 +116,18 @@ def run_point(pipe: Pipeline, point: dict, force_from: str | None, dry_run: bool
     planned = plan_point(pipe, point, force_from)
     records = []
     for stage in planned:
+        if not dry_run and stage.action == "run" and node_rank() > 0:
+            # another node: its processes join each launched stage; node 0 alone runs the others and
+            # writes every marker and set-aside
+            if stage.spec.launch:
+                result = subprocess.run(launch_command(stage), check=False)
+                if result.returncode != 0:
+                    raise PipelineError(f"stage '{stage.spec.name}' failed on node {node_rank()} (exit "
+                                        f"{result.returncode})")  # fmt: skip
+                records.append({"stage": stage.spec.name, "action": "ran", "reason": f"node {node_rank()}"})
+            else:
+                records.append(wait_for_node_zero(stage, log))
+            continue
         if dry_run or stage.action == "skip":
             log(f"[{stage.spec.name}] {stage.action}: {stage.reason}" + ("" if stage.action == "skip" else
                 f"\n    pipeline {stage.spec.stage} {' '.join(redact_argv(stage.argv()))}"))  # fmt: skip

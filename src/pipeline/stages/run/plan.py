@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ def substitute(value: Any, variables: dict[str, Any], resolved: dict[str, dict[s
 
     def lookup(match: re.Match) -> Any:
         name, key = match.group(1), match.group(2)
+        if name == "env" and key is not None:  # the node's environment, e.g. ${env.NODE_RANK}
+            if key not in os.environ:
+                raise PipelineError(f"{where}: ${{env.{key}}}: the environment variable {key} is not set")
+            return os.environ[key]
         if key is None:
             if name not in variables:
                 raise PipelineError(
@@ -84,6 +89,7 @@ class PlannedStage:
     fingerprint: str
     action: str = "run"  # run | skip
     reason: str = ""
+    launch: dict[str, Any] | None = None  # the spec's launch settings, substituted on this node
 
     @property
     def output_dir(self) -> Path:
@@ -117,7 +123,12 @@ def plan_point(pipe: Pipeline, point: dict[str, Any], force_from: str | None) ->
             .encode()
         ).hexdigest()[:16]  # fmt: skip
         fingerprints[spec.name] = digest
-        stage = PlannedStage(spec, home, args, recipe_path, digest)
+        launch = None
+        if spec.launch:
+            launch = {
+                k: substitute(v, variables, resolved, f"{where} launch") for k, v in spec.launch.items()
+            }
+        stage = PlannedStage(spec, home, args, recipe_path, digest, launch=launch)
         forcing = forcing or spec.name == force_from
         marker = read_marker(home, spec.name)
         if forcing:

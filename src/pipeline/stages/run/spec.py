@@ -146,7 +146,7 @@ def _check_references(path: Path, stages: list[StageSpec], sweep: dict, variable
     names = [s.name for s in stages]
     for i, spec in enumerate(stages):
         for ref in references(spec):
-            if ref in sweep or ref in variables or ref in ("run_dir", "root"):
+            if ref in sweep or ref in variables or ref in ("run_dir", "root", "env"):
                 if spec.shared and ref in sweep:
                     raise PipelineError(
                         f"{path}: stage '{spec.name}' is shared but uses the sweep field ${{{ref}}}"

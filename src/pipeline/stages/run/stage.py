@@ -10,7 +10,7 @@ from typing import Any
 from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.runinfo import atomic_write_text
-from pipeline.stages.run.execute import run_jobs, run_point
+from pipeline.stages.run.execute import node_rank, run_jobs, run_point
 from pipeline.stages.run.spec import Pipeline, load_pipeline, point_dir, sweep_points
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -85,5 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.dry_run:  # one point's job writes its own record, so array jobs never overwrite each other
         where = point_dir(pipe, points[args.index]) if args.index is not None else pipe.output_dir
         where.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(where / "pipeline_run.json", json.dumps(summary, indent=2, default=str) + "\n")
+        node = node_rank()  # each node of a multi-node run keeps its own record
+        name = "pipeline_run.json" if node == 0 else f"pipeline_run.node{node}.json"
+        atomic_write_text(where / name, json.dumps(summary, indent=2, default=str) + "\n")
     return summary
