@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -14,10 +15,40 @@ from pipeline.sandbox.checks import (
     ExecResult,
     HumanEvalTest,
     Limits,
+    SandboxUnavailable,
     StdioTests,
     as_check,
 )
-from pipeline.sandbox.runner import SANDBOX_ATTEMPTS, Sandbox, execute, isolation, run_in_sandboxes
+from pipeline.sandbox.runner import Sandbox, isolation
+
+logger = logging.getLogger("pipeline.sandbox")
+
+SANDBOX_ATTEMPTS = 3  # a sandbox that could not run a program is replaced this many times in all
+
+
+def run_in_sandboxes(sandboxes, program: str, check: Check) -> ExecResult:
+    """Run in the first sandbox ``sandboxes`` yields; when the sandbox itself failed (status "error": it
+    could not start, set up its jail or run the checker), in a fresh one, up to `SANDBOX_ATTEMPTS` in all.
+    Then `SandboxUnavailable`: a sandbox failure is never scored as the program's."""
+    for attempt, sandbox in enumerate(sandboxes, 1):
+        result = sandbox.run(program, check)
+        if result.status != "error":
+            return result
+        logger.warning("sandbox attempt %d/%d failed: %s", attempt, SANDBOX_ATTEMPTS, result.error)
+        if attempt >= SANDBOX_ATTEMPTS:
+            break
+    raise SandboxUnavailable(
+        f"the sandbox could not run a program {SANDBOX_ATTEMPTS} times in a row (last: {result.error}); "
+        "nothing was scored — fix the sandbox (see `pipeline.sandbox`), or set "
+        "PIPELINE_SANDBOX_ISOLATION=basic where namespaces cannot work"
+    )
+
+
+def execute(program: str, check: Check, timeout: float, limits: Limits, namespaces: bool) -> ExecResult:
+    """One execution in a sandbox started for it (a fresh one again if the sandbox failed)."""
+    return run_in_sandboxes(
+        (Sandbox(namespaces, limits, timeout) for _ in range(SANDBOX_ATTEMPTS)), program, check
+    )
 
 
 class _WarmPool:
