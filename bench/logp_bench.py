@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 
-def build(shape: str, device: str, attn: str = "sdpa"):
+def build(shape: str, device: str, attn: str = "sdpa", fp32: bool = False):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     if shape == "qwen0.5b":
@@ -34,7 +34,7 @@ def build(shape: str, device: str, attn: str = "sdpa"):
         cfg = Qwen2Config(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" and not fp32 else torch.float32
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn).to(device).eval()
 
 
@@ -59,7 +59,7 @@ def run_variant(args) -> dict:
     from pipeline.scoring import response_logps, token_budget_batches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(args.shape, device, args.attn if args.variant == "packed" else "sdpa")
+    model = build(args.shape, device, args.attn if args.variant == "packed" else "sdpa", args.fp32)
     rows = samples(args.rows, model.config.vocab_size, args.mean_log, args.max_len, args.prompt_len)
     if args.variant == "packed":
         from pipeline.scoring import pack_rows, packed_response_logps
@@ -115,6 +115,7 @@ def main() -> None:
         "--attn", default="sdpa", help="attention for the packed variant (flex_attention on GPU)"
     )
     parser.add_argument("--save", help=argparse.SUPPRESS)
+    parser.add_argument("--fp32", action="store_true", help="the model in fp32 on a GPU too (a reference)")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
