@@ -551,3 +551,22 @@ def test_judge_diagnostics_count_each_kind_of_pair_once():
         "pairs": 6, "identical": 2, "inconsistent": 1, "ties": 1, "invalid": 1,
     }  # fmt: skip
     assert found["first_position_rate"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)  # judged pairs only
+
+
+def test_answers_cut_at_max_new_tokens_are_counted(sft_setup):
+    """An SFT model ends its answers (EOS) well within 64 tokens; at 2 tokens every answer is cut, and the
+    count says so (eval reports it as `<model>/answers_cut_at_max_new_tokens` and logs it once)."""
+    from pipeline.generation import generate_answers
+    from pipeline.models import load_for_generation
+    from pipeline.tokenization import render_prompt
+
+    tokenizer, model = load_for_generation(sft_setup["model"])
+    texts = [
+        render_prompt(tokenizer, [{"role": "user", "content": p.prompt}]) for p in sft_setup["held_out"][:6]
+    ]
+    for max_new_tokens, expected in ((2, [True] * 6), (64, [False] * 6)):
+        cut: list[bool] = []
+        answers = generate_answers(
+            tokenizer, model, texts, max_new_tokens=max_new_tokens, batch_size=4, cut=cut
+        )
+        assert cut == expected and len(answers) == 6, (max_new_tokens, answers)

@@ -75,15 +75,19 @@ def generate_answers(
     batch_size: int = 8,
     seed: int = 0,
     progress=None,
+    cut: list[bool] | None = None,
 ) -> list[list[str]]:
     """`num_samples` answers to each rendered prompt, batched with left padding, decoded without special
-    tokens. Each batch is seeded from `seed` and its texts, so the same batch gives the same answers."""
+    tokens. Each batch is seeded from `seed` and its texts, so the same batch gives the same answers.
+    `cut`, if given, gets one flag per answer: it reached max_new_tokens without an EOS."""
     import torch
 
     _left_padded(tokenizer)
     sampled = temperature > 0
-    config = _generation_config(tokenizer, _eos_ids(tokenizer, model), max_new_tokens, num_samples, sampled,
-                                temperature, top_p, top_k)  # fmt: skip
+    eos_ids = _eos_ids(tokenizer, model)
+    config = _generation_config(
+        tokenizer, eos_ids, max_new_tokens, num_samples, sampled, temperature, top_p, top_k
+    )
     device = next(model.parameters()).device
     answers: list[list[str]] = []
     for start in range(0, len(texts), batch_size):
@@ -92,7 +96,11 @@ def generate_answers(
         torch.manual_seed(stable_seed(seed, batch))
         with torch.no_grad():
             out = model.generate(**enc, generation_config=config)
-        decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        new = out[:, enc["input_ids"].shape[1] :]
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        if cut is not None:
+            ended = torch.isin(new, torch.tensor(eos_ids or [-1], device=new.device)).any(dim=1)
+            cut.extend((~ended & (new.shape[1] >= max_new_tokens)).tolist())
         answers += [decoded[i * num_samples : (i + 1) * num_samples] for i in range(len(batch))]
         if progress is not None:
             progress.update(len(batch))

@@ -206,6 +206,7 @@ class ModelSpec:
     path: str
     fingerprint: str = ""
     generated: int = 0  # prompts generated in this run (the rest came from the cache)
+    cut: int = 0  # answers generated in this run that reached max_new_tokens without ending
 
 
 def _as_list(value: Any) -> list:

@@ -155,13 +155,18 @@ def answers_for(
                 kwargs = {
                     k: settings[k] for k in ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens")
                 }
-                new = generate_answers(
-                    tokenizer, model, texts, batch_size=cfg.batch_size, seed=cfg.seed, progress=bar, **kwargs
-                )
+                cut: list[bool] = []
+                new = generate_answers(tokenizer, model, texts, batch_size=cfg.batch_size, seed=cfg.seed,
+                                       progress=bar, cut=cut, **kwargs)  # fmt: skip
+                spec.cut += sum(cut)
                 for it, samples in zip(chunk, new, strict=True):
                     cached[it.key] = list(samples)
                 _write_cache(path, cached, ids, spec, settings)  # a crash loses at most one chunk
         spec.generated = len(todo)
+        if spec.cut:
+            logger.warning("eval: %s: %d of the %d answers generated reached max_new_tokens (%d) without ending: "
+                           "cut there (raise max_new_tokens to let them finish)", spec.name, spec.cut,
+                           len(todo) * cfg.num_samples, cfg.max_new_tokens)  # fmt: skip
         del model
         gc.collect()
         if torch.cuda.is_available():

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         answers = {spec.name: answers_for(spec, items, cfg, cache_dir) for spec in specs}
         metrics.update({f"{s.name}/generated_prompts": s.generated for s in specs})
+        metrics.update({f"{s.name}/answers_cut_at_max_new_tokens": s.cut for s in specs})
         per_prompt, samples, aggregates, judge_stats = score_all(cfg, items, answers, baseline, judge)
         for model, by_metric in aggregates.items():
             for name, agg in by_metric.items():
