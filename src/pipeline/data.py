@@ -272,3 +272,30 @@ def load_yaml(text: str, where: str) -> object:
         return yaml.safe_load(text)
     except RecursionError:
         raise PipelineError(f"{where}: the YAML is nested too deeply to read") from None
+
+
+def start_job(
+    folder: Path, job: dict, state, parts: Path, part_glob: str, holds: str, hint: str
+) -> list[str]:
+    """The start of a resumable, part-by-part job (logp, collect): refuse a folder whose `job.json` records
+    another job (one line naming what differs), remove the part files a killed run left half written, then
+    record this job. Every rank calls it; the main process alone writes. Returns the files removed."""
+    from pipeline.runinfo import atomic_write_text
+
+    job_path = Path(folder) / "job.json"
+    if job_path.is_file():
+        previous = json.loads(job_path.read_text())
+        changed = [k for k in job if previous.get(k) != job[k]]
+        if changed:
+            raise PipelineError(
+                f"{folder} holds {holds} of another job ({', '.join(changed)} differ); {hint}"
+            )
+    stale: list[str] = []
+    if state.is_main_process:
+        Path(parts).mkdir(parents=True, exist_ok=True)
+        # every rank is still before the barrier below, so no part being written now is this run's
+        stale = remove_stale_temp_files(parts, part_glob)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        atomic_write_text(job_path, json.dumps(job, indent=2) + "\n")
+    return stale

@@ -62,6 +62,23 @@ def _left_padded(tokenizer) -> None:
     tokenizer.padding_side = "left"
 
 
+def _generated_batches(tokenizer, model, texts, batch_size, seed, config, processors=None):
+    """Each batch of rendered prompts, left-padded, seeded from `seed` and its texts (the same batch gives the
+    same output), generated: yields (batch, the new token ids, the batch's logits processors)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        extra = processors() if processors else []
+        torch.manual_seed(stable_seed(seed, batch))
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList(extra))
+        yield batch, out[:, enc["input_ids"].shape[1] :], extra
+
+
 def generate_answers(
     tokenizer,
     model,
@@ -88,15 +105,8 @@ def generate_answers(
     config = _generation_config(
         tokenizer, eos_ids, max_new_tokens, num_samples, sampled, temperature, top_p, top_k
     )
-    device = next(model.parameters()).device
     answers: list[list[str]] = []
-    for start in range(0, len(texts), batch_size):
-        batch = texts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        torch.manual_seed(stable_seed(seed, batch))
-        with torch.no_grad():
-            out = model.generate(**enc, generation_config=config)
-        new = out[:, enc["input_ids"].shape[1] :]
+    for batch, new, _ in _generated_batches(tokenizer, model, texts, batch_size, seed, config):
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
         if cut is not None:
             ended = torch.isin(new, torch.tensor(eos_ids or [-1], device=new.device)).any(dim=1)
@@ -157,30 +167,26 @@ def sample_with_logps(
     """`num_samples` samples per rendered prompt with the exact log-prob of every token drawn (see the
     module docstring). Needs temperature > 0: greedy decoding is a point mass, not a distribution."""
     import torch
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     if temperature <= 0:
         raise ValueError("sample_with_logps samples: temperature must be > 0")
     _left_padded(tokenizer)
     eos_ids = _eos_ids(tokenizer, model)
     config = _generation_config(tokenizer, eos_ids, max_new_tokens, num_samples, True, 1.0, 1.0, 0)
-    device = next(model.parameters()).device
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
     out_samples: list[list[Sample]] = []
-    for start in range(0, len(texts), batch_size):
-        batch = texts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        recorder = _Recorder()
-        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
-        torch.manual_seed(stable_seed(seed, batch))
-        with torch.no_grad():
-            out = model.generate(**enc, generation_config=config,
-                                 logits_processor=LogitsProcessorList([*warpers, recorder]))  # fmt: skip
-        recorder.finish(out[:, -1])
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
+    batches = _generated_batches(
+        tokenizer, model, texts, batch_size, seed, config, lambda: [*warpers, _Recorder()]
+    )
+    for batch, new_ids, processors in batches:
+        recorder = processors[-1]
+        recorder.finish(new_ids[:, -1])
+        new = new_ids.tolist()
         logps = torch.stack(recorder.steps, dim=1).tolist() if recorder.steps else [[] for _ in new]
         samples = [_trim(tokenizer, ids, lp, eos_ids) for ids, lp in zip(new, logps, strict=True)]
         out_samples += [samples[i * num_samples : (i + 1) * num_samples] for i in range(len(batch))]

@@ -30,25 +30,24 @@ job is refused), `parts/`, `run.json`, and the merged `samples.parquet` (or `--o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outputs
+from pipeline import data, outputs
 from pipeline.configs import parse_stage_args
-from pipeline.data import remove_stale_temp_files, sha256_file, write_parquet_atomic
+from pipeline.data import sha256_file, write_parquet_atomic
 from pipeline.errors import PipelineError
 from pipeline.models import check_model_dir
-from pipeline.runinfo import RunInfo, atomic_write_text, setup_logging
+from pipeline.runinfo import RunInfo, setup_logging
 from pipeline.tasks.code_problems import CodeProblem, load_code_problems
 
 logger = logging.getLogger("pipeline.collect")
-JOB_FILE = "job.json"
 OWNER_KEY = b"pipeline.collect"  # parquet metadata of a file this stage wrote (and may replace)
 
 
@@ -307,20 +306,10 @@ def refuse_foreign_file(path: Path) -> None:
 
 def start_job(folder: Path, job: dict, state) -> None:
     """Refuse a folder holding another job's parts; clear a killed run's unfinished part files."""
-    job_path = folder / JOB_FILE
-    if job_path.is_file():
-        previous = json.loads(job_path.read_text())
-        changed = [k for k in job if previous.get(k) != job[k]]
-        if changed:
-            raise PipelineError(f"{folder} holds the samples of another job ({', '.join(changed)} differ); "
-                                "use another output_dir, or delete it")  # fmt: skip
-    if state.is_main_process:
-        (folder / "parts").mkdir(parents=True, exist_ok=True)
-        stale = remove_stale_temp_files(folder / "parts", "part-*.parquet")
-        if stale:
-            logger.info("collect: removed %d unfinished part files of an earlier run", len(stale))
-        atomic_write_text(job_path, json.dumps(job, indent=2) + "\n")
-    state.wait_for_everyone()
+    stale = data.start_job(folder, job, state, folder / "parts", "part-*.parquet", "the samples",
+                           "use another output_dir, or delete it")  # fmt: skip
+    if stale:
+        logger.info("collect: removed %d unfinished part files of an earlier run", len(stale))
 
 
 def collect_parts(cfg, problems, folder: Path, state, fingerprint: str) -> int:
@@ -352,8 +341,7 @@ def merge_parts(cfg, folder: Path, output_path: Path, num_problems: int, fingerp
     if missing:
         raise PipelineError(f"{folder}: parts {missing[:5]} are missing after every rank finished; rerun")
     table = pa.concat_tables([pq.read_table(part_path(folder, i)) for i in range(count)])
-    uids = table.column("uid")
-    if len(set(uids.to_pylist())) != table.num_rows:
+    if pc.count_distinct(table.column("uid")).as_py() != table.num_rows:
         raise PipelineError(f"{folder}: a uid appears twice across the parts; delete the folder and rerun")
     meta = {
         OWNER_KEY: json.dumps(
@@ -370,7 +358,7 @@ def merge_parts(cfg, folder: Path, output_path: Path, num_problems: int, fingerp
                "problems_solved": len({t for t, v in zip(table.column("task_id").to_pylist(), verdicts, strict=True)
                                        if v == "passed"}),
                "truncated": table.column("finish_reason").to_pylist().count("length"),
-               "output_sha256": hashlib.sha256(output_path.read_bytes()).hexdigest()}  # fmt: skip
+               "output_sha256": sha256_file(output_path)}  # fmt: skip
     logger.info("collect: %d rows from %d problems -> %s (pass rate %.3f, %d problems solved at least once)",
                 metrics["rows"], num_problems, output_path, metrics["pass_rate"], metrics["problems_solved"])  # fmt: skip
     return metrics

@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import outputs
+from pipeline import data, outputs
 from pipeline.configs import parse_stage_args
-from pipeline.data import prepared_shards, read_row_range, remove_stale_temp_files, write_parquet_atomic
+from pipeline.data import prepared_shards, read_row_range, write_parquet_atomic
 from pipeline.errors import PipelineError
 from pipeline.logp_store import (
     LOGP_SCHEMA,
@@ -45,7 +45,6 @@ from pipeline.models import check_model_dir
 from pipeline.runinfo import atomic_write_text
 
 logger = logging.getLogger("pipeline.logp")
-JOB_FILE = "job.json"
 
 
 @dataclass
@@ -168,18 +167,20 @@ def part_path(output_dir: Path, split: str, index: int) -> Path:
     return output_dir / f"{split}-part-{index:05d}.parquet"
 
 
-def _uids(files) -> pa.Array:
-    arrays = [pq.read_table(f, columns=["uid"]).column("uid").combine_chunks() for f in files]
-    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
+def _column(files, name: str, kind) -> pa.Array:
+    arrays = [pq.read_table(f, columns=[name]).column(name).combine_chunks() for f in files]
+    return pa.concat_arrays(arrays) if arrays else pa.array([], kind)
 
 
-def verify_output(output_dir: Path, inputs: list[SplitInput]) -> dict[str, int]:
+def verify_output(output_dir: Path, inputs: list[SplitInput]) -> tuple[dict[str, int], dict[str, int]]:
     """Every input uid present exactly once, and nothing else (compared sorted, in Arrow: no Python object
-    per row)."""
-    counts = {}
+    per row); (rows per split, rows per split whose response was cut to fit max_length)."""
+    counts, truncated = {}, {}
     for split in inputs:
-        expected = _uids(split.files)
-        got = _uids(sorted(output_dir.glob(f"{split.name}-part-*.parquet")))
+        expected = _column(split.files, "uid", pa.string())
+        parts = sorted(output_dir.glob(f"{split.name}-part-*.parquet"))
+        got = _column(parts, "uid", pa.string())
+        truncated[split.name] = int(pc.sum(_column(parts, "truncated", pa.bool_())).as_py() or 0)
         if len(got) != len(expected) or pc.count_distinct(got).as_py() != len(got):
             raise PipelineError(f"{output_dir}: split '{split.name}' has {len(got)} logp rows for "
                                 f"{len(expected)} input rows (or repeated uids); rerun to finish it")  # fmt: skip
@@ -187,14 +188,7 @@ def verify_output(output_dir: Path, inputs: list[SplitInput]) -> dict[str, int]:
         if len(got) and not pc.all(pc.equal(*in_order)).as_py():
             raise PipelineError(f"{output_dir}: split '{split.name}' uids differ from the input's")
         counts[split.name] = len(got)
-    return counts
-
-
-def count_truncated(output_dir: Path, inputs: list[SplitInput]) -> dict[str, int]:
-    """Rows per split whose response was cut to fit max_length (their stored logps cover the kept tokens)."""
-    return {split.name: sum(pc.sum(pq.read_table(p, columns=["truncated"]).column("truncated")).as_py() or 0
-                            for p in sorted(output_dir.glob(f"{split.name}-part-*.parquet")))
-            for split in inputs}  # fmt: skip
+    return counts, truncated
 
 
 # ------------------------------------------------------------------------------------------ migration
@@ -293,23 +287,10 @@ def job_of(cfg: LogpConfig, tokenizer, prepare_manifest: dict, inputs, dtype: st
 
 def start_job(output_dir: Path, job: dict, state) -> None:
     """Refuse a folder holding another job's logps; clear a killed run's unfinished parts; record the job."""
-    job_path = output_dir / JOB_FILE
-    if job_path.is_file():
-        previous = json.loads(job_path.read_text())
-        changed = [k for k in job if previous.get(k) != job[k]]
-        if changed:
-            raise PipelineError(
-                f"{output_dir} holds logps of another job ({', '.join(changed)} differ); "
-                "use another --output_dir or --tag, or delete it"
-            )
-    if state.is_main_process and output_dir.is_dir():
-        # parts a killed run was writing; every rank is still before the barrier below, so none is ours
-        stale = remove_stale_temp_files(output_dir, "*-part-*.parquet")
-        if stale:
-            logger.info("logp: removed %d unfinished part files of an earlier run", len(stale))
-    state.wait_for_everyone()
-    if state.is_main_process:
-        atomic_write_text(job_path, json.dumps(job, indent=2) + "\n")
+    stale = data.start_job(output_dir, job, state, output_dir, "*-part-*.parquet", "logps",
+                           "use another --output_dir or --tag, or delete it")  # fmt: skip
+    if stale:
+        logger.info("logp: removed %d unfinished part files of an earlier run", len(stale))
 
 
 def score_parts(
@@ -387,8 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     if state.is_main_process and (cfg.max_parts is None or all(
         part_path(output_dir, s.name, i).is_file() for s in inputs for i in range(-(-s.total // cfg.part_rows))
     )):  # fmt: skip
-        counts = verify_output(output_dir, inputs)
-        truncated = count_truncated(output_dir, inputs)
+        counts, truncated = verify_output(output_dir, inputs)
         manifest = {**job, "stage": "logp", "config": asdict(cfg), "rows": counts, "truncated": truncated,
                     "response_column": response_key, "prepare_manifest": prepare_manifest,
                     "world_size": state.num_processes}  # fmt: skip

@@ -4,6 +4,7 @@ through the model folder it scored."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from pipeline.stages.report.tables import fmt_x
 _MAX_DEPTH = 3  # eval -> model folder's run -> its data (-> a folder of that data)
 
 
+@functools.lru_cache(maxsize=1024)
 def _read(path: Path) -> dict | None:
+    """A JSON object file, read once per report (many runs share one subset manifest)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -54,6 +57,7 @@ def subset_prompts(config: dict[str, Any], model_path: str | None = None, depth:
 def prompt_matching(records: list[Record], groups: list[str], x_name: str | None) -> list[dict[str, Any]]:
     """Per x (or once without --x): each group's training prompts and whether the groups share them all.
     Empty when no run traces back to a subset manifest."""
+    _read.cache_clear()  # files read by an earlier report in this process may have changed
     found: dict[tuple, list[frozenset | None]] = {}
     for r in records:
         found.setdefault((r.x, r.group), []).append(subset_prompts(r.config, r.model_path))

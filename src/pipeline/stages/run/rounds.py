@@ -34,15 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.stages.run.spec import REFERENCE
 
 ROUND_KEYS = {"rounds", "policy", "next_policy", "reference", "stages"}
 REFERENCES = ("round", "first")
-_REF = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\.([A-Za-z_]\w*))?\}")
 
 
 def round_count(value: Any, variables: dict[str, Any], where: str) -> int:
     if isinstance(value, str):
-        match = _REF.fullmatch(value.strip())
+        match = REFERENCE.fullmatch(value.strip())
         if match and match.group(2) is None and match.group(1) in variables:
             value = variables[match.group(1)]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -70,10 +70,10 @@ def _rewrite(value: Any, rename: dict[str, str], round_refs: dict[str, str]) -> 
             return "${" + rename[name] + (f".{key}" if key else "") + "}"
         return match.group(0)
 
-    whole = _REF.fullmatch(value)
+    whole = REFERENCE.fullmatch(value)
     if whole and whole.group(1) == "round" and whole.group(2) == "index":
         return int(round_refs["index"])  # a number stays a number
-    return _REF.sub(one, value)
+    return REFERENCE.sub(one, value)
 
 
 def unroll(entry: dict, variables: dict[str, Any], where: str, read_stage) -> tuple[list, dict[str, Any]]:
@@ -148,7 +148,7 @@ def splice_rounds(value: Any, after_block: dict[str, Any] | None) -> Any:
             raise PipelineError(f"'{value}': ${{rounds.{key}}} is a list: use it alone as an item of a list")
         return str(after_block[key])
 
-    whole = _REF.fullmatch(value)
+    whole = REFERENCE.fullmatch(value)
     if whole and whole.group(1) == "rounds" and isinstance(after_block.get(whole.group(2)), list):
         return list(after_block[whole.group(2)])
-    return _REF.sub(one, value)
+    return REFERENCE.sub(one, value)

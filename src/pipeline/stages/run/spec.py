@@ -14,7 +14,6 @@ import yaml
 from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.outputs import check_name
-from pipeline.stages.run.rounds import splice_rounds, unroll
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\.([A-Za-z_]\w*))?\}")
 
@@ -119,6 +118,8 @@ def _read_stage(path: Path, entry: Any, where: str) -> StageSpec:
 
 def _read_stages(path: Path, entries: list, variables: dict[str, Any]) -> list[StageSpec]:
     """The `stages:` list, each entry checked, `rounds:` blocks unrolled (`pipeline.stages.run.rounds`)."""
+    from pipeline.stages.run.rounds import splice_rounds, unroll  # rounds reads this module's REFERENCE
+
     stages: list[StageSpec] = []
     after_block = None
     for i, entry in enumerate(entries):
