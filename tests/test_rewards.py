@@ -159,10 +159,14 @@ def test_humaneval_reward_conversational_with_code_prompt(humaneval):
 
 
 def test_synthetic_task_rewards_use_the_same_mapping_and_executor():
-    from pipeline.tasks.synthetic import coderl_rows, generate_problems
+    from pipeline.tasks.synthetic import TEMPLATE_NAMES, coderl_rows, generate_problems
 
-    problems = generate_problems(6, seed=1)
-    rows = coderl_rows(problems, responses_per_problem=2, seed=1)
+    # the rows' rewards are computed in-process (the task's own programs); the sandbox must agree on every
+    # template, with reference and wrong solutions both present
+    problems = generate_problems(2 * len(TEMPLATE_NAMES), seed=1)
+    assert {p.template for p in problems} == set(TEMPLATE_NAMES)
+    rows = coderl_rows(problems, responses_per_problem=4, seed=1)
+    assert {r["normalized_reward"] == 1.0 for r in rows} == {True, False}
     by_id = {p.task_id: p for p in problems}
     results = run_many(
         [(strip_code_fence(r["unprocessed_response"]), by_id[r["task_id"]].tests) for r in rows]

@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Generate the synthetic Python coding task (templated one-line functions with assert tests) "
             "and write train/eval parquet files: sft_* (chat messages), pairs_* (TRL preference pairs: "
             "reference chosen, wrong solution rejected) and coderl_* (fenced responses with rewards "
-            "2*pass_fraction-1 measured by running them in the sandbox). Problems are split by task_id."
+            "2*pass_fraction-1 from running the task's own solutions against its tests). Problems are split by task_id."
         ),
     )
     parser.add_argument("--output_dir", required=True, help="directory for the parquet files")

@@ -7,8 +7,9 @@ constant or a letter as parameter; every solution is the same two-line shape::
         return x + 3
 
 Each problem has 2-3 plausible wrong solutions and 3-5 ``assert`` tests. Expected values are computed by
-running the (trusted, template-made) reference in-process; the exported RL rewards, by contrast, come
-from executing each response in :mod:`pipeline.sandbox`.
+running the (trusted, template-made) reference in-process, and so are the exported RL rewards: every
+response there is the task's own reference or wrong solution. Model output only ever runs in
+:mod:`pipeline.sandbox`.
 """
 
 from pipeline.tasks.synthetic.export import export_task, split_problems

@@ -70,7 +70,6 @@ def export_task(
             ("pass_fraction", pa.float64()),
         ]
     )
-    # One sandbox pool over all problems keeps the workers busy; rows are then split by task_id.
     rl_all = coderl_rows(problems, responses_per_problem=responses_per_problem, seed=seed)
 
     written: dict[str, str] = {}

@@ -1,5 +1,5 @@
-"""The task as training rows: SFT chats, preference pairs, reward-keyed code-RL rows (rewards from the
-sandbox), and the texts a tokenizer is trained on."""
+"""The task as training rows: SFT chats, preference pairs, reward-keyed code-RL rows (rewards from running
+the task's own template-built programs against its tests), and the texts a tokenizer is trained on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.rewards import reward_from_fraction
-from pipeline.sandbox import run_many, strip_code_fence
 from pipeline.tasks.synthetic.problems import _TEMPLATES_BY_NAME, Problem, _code, generate_problems
 
 _EXTRA_TEXT = (
@@ -92,38 +91,56 @@ def preference_rows(
     return rows
 
 
+def template_pass_fraction(code: str, tests: Sequence[str]) -> float:
+    """Share of ``tests`` (assert statements) that ``code`` passes, each assert run on its own as the sandbox
+    does. Runs in this process, so only for the task's own programs, built from the templates: a reference
+    or a listed wrong solution, never model output (that goes through `pipeline.sandbox`).
+    tests/test_rewards.py checks it against the sandbox's verdicts on every template."""
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(code, "<synthetic solution>", "exec"), namespace)
+    except Exception:
+        return 0.0
+    passed = 0
+    for test in tests:
+        try:
+            exec(compile(test, "<synthetic test>", "exec"), dict(namespace))
+        except Exception:  # a failed assert, or a wrong solution that raises
+            continue
+        passed += 1
+    return passed / len(tests) if tests else 0.0
+
+
 def coderl_rows(
     problems: Sequence[Problem],
     responses_per_problem: int = 4,
     seed: int = 0,
     response_key: str = "unprocessed_response",
     reward_key: str = "normalized_reward",
-    timeout: float = 5.0,
 ) -> list[dict[str, Any]]:
     """Offline code-RL rows: fenced responses (a seeded mix of reference and wrong solutions) with
-    rewards ``2 * pass_fraction - 1`` measured by executing them in the sandbox."""
+    rewards ``2 * pass_fraction - 1`` from running them against the problem's tests
+    (`template_pass_fraction`: the sandbox's count, without a sandbox per row)."""
     if responses_per_problem < 1:
         raise ValueError("responses_per_problem must be >= 1")
-    pending: list[tuple[Problem, int, str]] = []
+    rows = []
     for prob in problems:
         # Per-problem RNG: a problem's responses do not depend on which other problems are in the list.
         rng = random.Random(f"coderl:{seed}:{prob.task_id}")
+        fractions: dict[str, float] = {}
         for j in range(responses_per_problem):
             code = prob.solution if rng.random() < 0.5 else rng.choice(prob.wrong_solutions)
-            pending.append((prob, j, _fence(code)))
-    jobs = [(strip_code_fence(resp), prob.tests) for prob, _, resp in pending]
-    results = run_many(jobs, timeout=timeout, progress="executing responses" if len(jobs) >= 200 else None)
-    rows = []
-    for (prob, j, resp), res in zip(pending, results, strict=True):
-        frac = res.fraction
-        rows.append(
-            {
-                "uid": f"{prob.task_id}/r{j}",
-                "prompt_pretokenized": json.dumps(_user(prob.prompt)),
-                response_key: resp,
-                reward_key: reward_from_fraction(frac),
-                "task_id": prob.task_id,
-                "pass_fraction": frac,
-            }
-        )
+            if code not in fractions:
+                fractions[code] = template_pass_fraction(code, prob.tests)
+            frac = fractions[code]
+            rows.append(
+                {
+                    "uid": f"{prob.task_id}/r{j}",
+                    "prompt_pretokenized": json.dumps(_user(prob.prompt)),
+                    response_key: _fence(code),
+                    reward_key: reward_from_fraction(frac),
+                    "task_id": prob.task_id,
+                    "pass_fraction": frac,
+                }
+            )
     return rows
