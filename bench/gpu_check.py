@@ -7,8 +7,8 @@ Smoke mode (no GPU): a small Qwen2 shape on short rows, a few steps: the same li
 Writes `<out>/env.json` (GPU, torch, CUDA, flash-attn / flex_attention availability, versions) and
 `<out>/results.jsonl`, one JSON object per line: `variant`, `tokens_per_s`, `peak_gib` (CUDA allocated on a
 GPU, process RSS on a CPU), and for the scoring variants `max_abs_diff` against an fp32 full-vocabulary
-reference; `target` and `meets_target` where the issue sets one (GPU mode only). Each variant runs in its
-own child process, so each peak is its own.
+reference; `target` and `meets_target` where the issue sets one (GPU mode only). On a GPU each variant
+runs in its own child process, so each peak is its own (see `in_child`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ def environment(gpu: bool) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "trl": trl.__version__, "flash_attn": importlib.util.find_spec("flash_attn") is not None,
             "flex_attention": flex, "cpu": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"}  # fmt: skip
+
+
+def in_child(gpu: bool, index: int) -> bool:
+    """Whether variant ``index`` of a kind runs in a child process: every one on a GPU (each CUDA peak its
+    own); in the CPU smoke mode only the first of each kind, so both command lines stay tested while the
+    rest skip a child's ~8 s of imports (a CPU peak is the process RSS either way)."""
+    return gpu or index == 0
 
 
 def build_workspace(work: Path, gpu: bool) -> dict:
@@ -139,14 +146,25 @@ def scoring_variants(work: Path, gpu: bool, out: Path) -> list[dict]:
              "packed": "logp ours packed" + (" + flex_attention" if gpu else "")}  # fmt: skip
     runs = [("reference", ["--variant", "naive", "--fp32"])] + [(v, ["--variant", v]) for v in names]
     saved, rows = {}, []
-    for key, flags in runs:
+    for index, (key, flags) in enumerate(runs):
         path = work / f"logp_{key}.npy"
         attn = ["--attn", "flex_attention"] if key == "packed" and gpu else []
-        cmd = [sys.executable, str(HERE / "logp_bench.py"), *shape, *flags, *attn, "--save", str(path)]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        argv = [*shape, *flags, *attn, "--save", str(path)]
+        if in_child(gpu, index):
+            cmd = [sys.executable, str(HERE / "logp_bench.py"), *argv]
+            line = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            result = json.loads(line)
+        else:
+            sys.path.insert(0, str(HERE))
+            import logp_bench
+
+            result = logp_bench.run_variant(logp_bench.build_parser().parse_args(argv))
         saved[key] = np.load(path)
         if key != "reference":
-            result = json.loads(line)
             rows.append({"variant": names[key], "tokens_per_s": result["tokens_per_s"], "peak_gib": result["peak_gib"],
                          "max_abs_diff": float(np.abs(saved[key] - saved["reference"]).max())})  # fmt: skip
     return rows
@@ -188,10 +206,17 @@ def main() -> None:
     (out / "env.json").write_text(json.dumps(environment(gpu), indent=2) + "\n")
     (work / "workspace.json").write_text(json.dumps(build_workspace(work, gpu)))
     results = scoring_variants(work, gpu, out)
-    for name in ("sft trl defaults", "sft ours", "ips ours"):
-        cmd = [sys.executable, __file__, "--out", str(out), "--work", str(work), "--child", name]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results.append(json.loads(line))
+    for index, name in enumerate(("sft trl defaults", "sft ours", "ips ours")):
+        if in_child(gpu, index):
+            cmd = [sys.executable, __file__, "--out", str(out), "--work", str(work), "--child", name]
+            line = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            results.append(json.loads(line))
+        else:
+            results.append(train_variant(name, work, gpu))
     results.append(check_prediction(work, gpu, results[-1]))
     with open(out / "results.jsonl", "w") as f:
         for row in results:

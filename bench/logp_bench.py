@@ -98,7 +98,7 @@ def run_variant(args) -> dict:
             "peak_kind": "cuda allocated" if device == "cuda" else "process RSS"}  # fmt: skip
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["small", "qwen0.5b"], default="small")
     parser.add_argument("--rows", type=int, default=96)
@@ -116,6 +116,11 @@ def main() -> None:
     )
     parser.add_argument("--save", help=argparse.SUPPRESS)
     parser.add_argument("--fp32", action="store_true", help="the model in fp32 on a GPU too (a reference)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
