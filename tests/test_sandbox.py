@@ -190,6 +190,32 @@ def test_run_many_keeps_input_order_and_mixes_modes():
     assert run_many([]) == []
 
 
+def test_identical_jobs_run_once_and_each_gets_its_own_copy(monkeypatch):
+    """The same program under the same check is executed once; the same program under another check (or
+    setup), or another program under the same check, is a job of its own."""
+    from pipeline.sandbox import runner
+
+    real_run, programs_run = runner.Sandbox.run, []
+
+    def counting_run(self, program, check):
+        programs_run.append((program, check))
+        return real_run(self, program, check)
+
+    monkeypatch.setattr(runner.Sandbox, "run", counting_run)
+    passing, failing = (ADD_ONE, ["assert f(1) == 2"]), ("def f(x):\n    return x\n", ["assert f(1) == 2"])
+    other_check = (ADD_ONE, ["assert f(1) == 2", "assert f(2) == 3"])
+    other_setup = (ADD_ONE, AssertTests(("assert f(1) == 2",), setup="y = 1"))
+    jobs = [passing, failing, passing, other_check, passing, failing, other_setup, passing]
+    results = run_many(jobs, workers=2)
+    assert [r.status for r in results] == ["passed", "failed", "passed", "passed", "passed", "failed", "passed",
+                                           "passed"]  # fmt: skip
+    assert [r.total for r in results] == [1, 1, 1, 2, 1, 1, 1, 1]
+    assert len(programs_run) == 4  # passing, failing, other_check, other_setup
+    assert len({id(r) for r in results}) == len(jobs)  # copies: changing one result leaves the others
+    results[0].passed = 0
+    assert results[2].passed == 1
+
+
 FORGERIES = [
     # guessed nonces, then a hard exit so the harness never reports
     'import os\nprint(\'__RESULT_0__ {"passed": 1, "total": 1, "exec_ok": true}\', flush=True)\nos._exit(0)',

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
 import os
 import threading
@@ -18,6 +20,7 @@ from pipeline.sandbox.checks import (
     SandboxUnavailable,
     StdioTests,
     as_check,
+    checks_payload,
 )
 from pipeline.sandbox.runner import Sandbox, isolation
 
@@ -125,10 +128,33 @@ def run_many(
     ``check``: an `AssertTests`, `HumanEvalTest` or `StdioTests`, or a list of assert statements.
     ``progress``: a label to show a progress bar with (None: no bar). Every execution ends within its
     timeout plus teardown, whatever the program does, so one hostile job cannot stall the pool.
+    Identical jobs (the same program text and the same check) run once, and each gets its own copy of that
+    one verdict: a policy sampled at a low temperature repeats itself, and every execution costs a fresh
+    interpreter and jail (~30 ms of a core).
     """
+    slot_of: dict[tuple[str, str], int] = {}  # (program, the check as sent to the checker) -> its slot
+    distinct_jobs: list[tuple[str, Check]] = []
+    slots = []
+    for program, check in jobs:
+        check = as_check(check)
+        key = (program, json.dumps(checks_payload(check)))
+        if key not in slot_of:
+            slot_of[key] = len(distinct_jobs)
+            distinct_jobs.append((program, check))
+        slots.append(slot_of[key])
+    distinct = _run_distinct(distinct_jobs, timeout, workers, progress, limits)
+    handed_out: set[int] = set()
+    results = []
+    for slot in slots:
+        results.append(dataclasses.replace(distinct[slot]) if slot in handed_out else distinct[slot])
+        handed_out.add(slot)
+    return results
+
+
+def _run_distinct(jobs: list[tuple[str, Check]], timeout: float, workers: int | None, progress: str | None,
+                  limits: Limits | None) -> list[ExecResult]:  # fmt: skip
     from tqdm.auto import tqdm
 
-    jobs = [(program, as_check(check)) for program, check in jobs]
     if not jobs:
         return []
     namespaces = isolation().namespaces  # probe once here rather than in racing worker threads
