@@ -104,28 +104,22 @@ def test_rows_without_logps(tmp_path, chain, tiny_model_dir):
     assert result["train_skipped_missing_logps"] == 5
 
 
-def test_train_script_runs_on_cpu(tmp_path, chain, tiny_model_dir):
+def test_train_script_refusal_is_one_last_line(tmp_path, chain, tiny_model_dir):
     """`gpu=8` copied from a GPU node's job: one line says so and the CPU trial runs. A stage's refusal (logps
-    made at another max_length) is then the last line of the output, once, with no traceback, status 2."""
+    made at another max_length) is then the last line of the output, once, with no traceback, status 2.
+    (A successful train.sh run: `test_scripts_take_the_raw_logged_parquet`.)"""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "gpu": "8", "ds": "zero3",
-           "ml": str(MAX_LENGTH), "bsz": "4", "gacc": "1", "lr": "1000", "out": str(tmp_path / "o")}  # fmt: skip
+           "ml": str(2 * MAX_LENGTH), "bsz": "4", "gacc": "1", "out": str(tmp_path / "o")}  # fmt: skip
     env.pop("WORKER_NUM", None)
     cmd = ["bash", str(REPO / "scripts/train.sh"), str(chain / "prepared"), str(tiny_model_dir), "ref", "reward",
            "unprocessed_response", "posonly", "--max_steps", "2", "--save_strategy", "no"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "train.sh: gpu=8 asked, but no GPU is visible here: running the CPU trial" in proc.stderr
-    info = json.loads((tmp_path / "o" / "run.json").read_text())
-    assert (
-        info["config"]["learning_rate"] == pytest.approx(1e-3) and info["config"]["datafilter"] == "posonly"
-    )
-    assert info["metrics"]["global_step"] == 2
-    bad = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ml": str(2 * MAX_LENGTH),
-                         "out": str(tmp_path / "o2")}, timeout=300)  # fmt: skip
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert "train.sh: gpu=8 asked, but no GPU is visible here: running the CPU trial" in bad.stderr
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert lines[-1].startswith("pipeline ips: error: ") and "max_length" in lines[-1], lines[-5:]
     assert sum("pipeline ips: error:" in line for line in lines) == 1
+    assert not (tmp_path / "o" / "run.json").exists()
 
 
 def test_padding_free_batches_give_the_same_loss(tmp_path, chain, tiny_model_dir):
@@ -328,17 +322,24 @@ def test_scripts_take_the_raw_logged_parquet(tmp_path, task_data, tiny_model_dir
     prepared = tmp_path / "logs_prepared"
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["config"]["reward_key"] == "normalized_reward" and manifest["rows_in"] > 0
-    assert (tmp_path / "logs_prepared_ref_logp" / "manifest.json").is_file()
+    # gpu=0 runs on the CPU; the output is named DATA_TAG_logp; ml and bsz set the length and token budget
+    logps = json.loads((tmp_path / "logs_prepared_ref_logp" / "manifest.json").read_text())
+    assert logps["max_length"] == MAX_LENGTH and logps["config"]["token_budget"] == 4 * MAX_LENGTH
     stamp = (prepared / "manifest.json").stat().st_mtime_ns
     cmd = ["bash", str(REPO / "scripts/train.sh"), str(raw), str(tiny_model_dir), "ref", "normalized_reward",
-           "unprocessed_response", "none", "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
-    train_run = subprocess.run(cmd, capture_output=True, text=True, env={**env, "out": str(tmp_path / "o")},
-                               timeout=300)  # fmt: skip
+           "unprocessed_response", "posonly", "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
+    train_run = subprocess.run(cmd, capture_output=True, text=True, env={**env, "out": str(tmp_path / "o"),
+                               "lr": "1000"}, timeout=300)  # fmt: skip
     assert train_run.returncode == 0, train_run.stderr[-3000:]
     assert (prepared / "manifest.json").stat().st_mtime_ns == stamp  # reused, not prepared again
-    config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
+    info = json.loads((tmp_path / "o" / "run.json").read_text())
+    config = info["config"]
     assert config["data_path"] == str(prepared) and config["reward_key"] == "reward"
     assert config["logp_dir"] == f"{prepared}_ref_logp"
+    assert (
+        config["learning_rate"] == pytest.approx(1e-3) and config["datafilter"] == "posonly"
+    )  # lr=1000: 1e-3
+    assert info["metrics"]["global_step"] == 1
     named = subprocess.run(
         cmd, capture_output=True, text=True, env={**env, "dryrun": "1", "proj": "p"}, timeout=60
     )

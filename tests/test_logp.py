@@ -194,20 +194,6 @@ def test_import_old_pickles(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_run_logp_script_falls_back_to_cpu_and_names_output(tmp_path, prepared, tiny_model_dir):
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "gpu": "0",
-        "ml": "96",
-    }
-    proc = subprocess.run(["bash", str(REPO / "scripts/run_logp.sh"), str(prepared), str(tiny_model_dir), "t1"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads(Path(f"{prepared}_t1_logp/manifest.json").read_text())
-    assert manifest["max_length"] == 96 and manifest["config"]["token_budget"] == 8 * 96
-
-
 def test_launch_command_for_multi_node():
     env = {**os.environ, "dryrun": "1", "gpu": "8", "WORKER_NUM": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0",
            "MASTER_PORT": "1234", "bsz": "4", "ml": "1000"}  # fmt: skip
