@@ -12,7 +12,8 @@ from typing import Any
 
 from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
-from pipeline.stages.run.spec import REFERENCE, Pipeline, StageSpec, point_dir, references
+from pipeline.stages.run.placeholders import REFERENCE
+from pipeline.stages.run.spec import Pipeline, StageSpec, point_dir, references
 
 # rerun reasons whose old output must go first (an interrupted run keeps its output, to resume from)
 STALE = ("config changed", "an upstream stage reruns", "output of an unknown config")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.stages.run.spec import REFERENCE
+from pipeline.stages.run.placeholders import REFERENCE
 
 ROUND_KEYS = {"rounds", "policy", "next_policy", "reference", "stages"}
 REFERENCES = ("round", "first")

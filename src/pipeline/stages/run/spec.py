@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,8 @@ import yaml
 from pipeline.data import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.outputs import check_name
-
-REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)(?:\.([A-Za-z_]\w*))?\}")
-
+from pipeline.stages.run.placeholders import REFERENCE
+from pipeline.stages.run.rounds import splice_rounds, unroll
 
 STAGE_KEYS = {"name", "stage", "recipe", "args", "shared", "launch", "after"}
 
@@ -118,7 +116,6 @@ def _read_stage(path: Path, entry: Any, where: str) -> StageSpec:
 
 def _read_stages(path: Path, entries: list, variables: dict[str, Any]) -> list[StageSpec]:
     """The `stages:` list, each entry checked, `rounds:` blocks unrolled (`pipeline.stages.run.rounds`)."""
-    from pipeline.stages.run.rounds import splice_rounds, unroll  # rounds reads this module's REFERENCE
 
     stages: list[StageSpec] = []
     after_block = None
