@@ -66,7 +66,8 @@ def environment(gpu: bool) -> dict:
 def in_child(gpu: bool, index: int) -> bool:
     """Whether variant ``index`` of a kind runs in a child process: every one on a GPU (each CUDA peak its
     own); in the CPU smoke mode only the first of each kind, so both command lines stay tested while the
-    rest skip a child's ~8 s of imports (a CPU peak is the process RSS either way)."""
+    rest skip a child's ~8 s of imports. Their peaks are then this process's running maximum RSS: smoke
+    figures, not measurements."""
     return gpu or index == 0
 
 
@@ -159,8 +160,7 @@ def scoring_variants(work: Path, gpu: bool, out: Path) -> list[dict]:
             )
             result = json.loads(line)
         else:
-            sys.path.insert(0, str(HERE))
-            import logp_bench
+            import logp_bench  # bench/ is on sys.path: this script runs from there
 
             result = logp_bench.run_variant(logp_bench.build_parser().parse_args(argv))
         saved[key] = np.load(path)

@@ -160,19 +160,25 @@ def test_humaneval_reward_conversational_with_code_prompt(humaneval):
 
 def test_synthetic_task_rewards_use_the_same_mapping_and_executor():
     from pipeline.tasks.synthetic import TEMPLATE_NAMES, coderl_rows, generate_problems
+    from pipeline.tasks.synthetic.rows import template_pass_fraction
 
-    # the rows' rewards are computed in-process (the task's own programs); the sandbox must agree on every
-    # template, with reference and wrong solutions both present
+    # the task's own programs are scored in-process; the sandbox must give the same count for every
+    # solution (reference and each wrong one) of two problems per template
     problems = generate_problems(2 * len(TEMPLATE_NAMES), seed=1)
     assert {p.template for p in problems} == set(TEMPLATE_NAMES)
+    jobs = [(code, p.tests) for p in problems for code in (p.solution, *p.wrong_solutions)]
+    in_process = [template_pass_fraction(code, tests) for code, tests in jobs]
+    assert [res.fraction for res in run_many(jobs)] == in_process
+    assert {f == 1.0 for f in in_process} == {True, False}  # both passing and failing solutions
+
+    # the exported rows carry those counts through the reward mapping GRPO/PPO use
     rows = coderl_rows(problems, responses_per_problem=4, seed=1)
-    assert {r["normalized_reward"] == 1.0 for r in rows} == {True, False}
+    fraction = dict(zip(((c, tuple(t)) for c, t in jobs), in_process, strict=True))
     by_id = {p.task_id: p for p in problems}
-    results = run_many(
-        [(strip_code_fence(r["unprocessed_response"]), by_id[r["task_id"]].tests) for r in rows]
-    )
-    for row, res in zip(rows, results, strict=True):
-        assert row["normalized_reward"] == reward_from_fraction(res.fraction)
+    for row in rows:
+        code = strip_code_fence(row["unprocessed_response"])
+        assert row["pass_fraction"] == fraction[(code, tuple(by_id[row["task_id"]].tests))]
+        assert row["normalized_reward"] == reward_from_fraction(row["pass_fraction"])
     tests = [by_id[r["task_id"]].tests for r in rows]
     assert code_execution_reward([r["unprocessed_response"] for r in rows], tests) == [
         r["normalized_reward"] for r in rows

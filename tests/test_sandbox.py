@@ -23,6 +23,7 @@ from pipeline.sandbox import (
     ExecResult,
     HumanEvalTest,
     Limits,
+    StdioTests,
     isolation,
     run_humaneval,
     run_many,
@@ -214,6 +215,11 @@ def test_identical_jobs_run_once_and_each_gets_its_own_copy(monkeypatch):
     assert len({id(r) for r in results}) == len(jobs)  # copies: changing one result leaves the others
     results[0].passed = 0
     assert results[2].passed == 1
+
+
+def test_a_stdio_check_with_unmatched_outputs_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
+        run_many([(ADD_ONE, StdioTests(("1", "2"), ("2",)))])
 
 
 FORGERIES = [

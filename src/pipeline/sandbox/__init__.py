@@ -1,7 +1,8 @@
 """Sandboxed execution of untrusted programs (model-generated code), judged by a checker they cannot reach.
 
 Every code reward and pass rate in the project comes from here: `eval-code`, `eval`'s code scorer, the
-GRPO/RLOO/PPO rewards (`pipeline.rewards`), the synthetic task's labels, greedy pass rates.
+GRPO/RLOO/PPO rewards (`pipeline.rewards`), greedy pass rates (only the synthetic task's labels of its own
+template-built solutions are scored in-process).
 
 **Threat model.** The program under test is hostile: an RL policy optimises whatever earns reward, so any
 way for the program to make a failing test look passed will be found. Known forgeries against checking in

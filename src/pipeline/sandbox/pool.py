@@ -130,7 +130,8 @@ def run_many(
     timeout plus teardown, whatever the program does, so one hostile job cannot stall the pool.
     Identical jobs (the same program text and the same check) run once, and each gets its own copy of that
     one verdict: a policy sampled at a low temperature repeats itself, and every execution costs a fresh
-    interpreter and jail (~30 ms of a core).
+    interpreter and jail (~30 ms of a core). A program whose outcome varies from run to run (timing near
+    the timeout, hash-seed-dependent output) thus gets one verdict for all its copies.
     """
     slot_of: dict[tuple[str, str], int] = {}  # (program, the check as sent to the checker) -> its slot
     distinct_jobs: list[tuple[str, Check]] = []

@@ -116,7 +116,6 @@ def _read_stage(path: Path, entry: Any, where: str) -> StageSpec:
 
 def _read_stages(path: Path, entries: list, variables: dict[str, Any]) -> list[StageSpec]:
     """The `stages:` list, each entry checked, `rounds:` blocks unrolled (`pipeline.stages.run.rounds`)."""
-
     stages: list[StageSpec] = []
     after_block = None
     for i, entry in enumerate(entries):

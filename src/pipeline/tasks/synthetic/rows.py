@@ -95,16 +95,17 @@ def template_pass_fraction(code: str, tests: Sequence[str]) -> float:
     """Share of ``tests`` (assert statements) that ``code`` passes, each assert run on its own as the sandbox
     does. Runs in this process, so only for the task's own programs, built from the templates: a reference
     or a listed wrong solution, never model output (that goes through `pipeline.sandbox`).
-    tests/test_rewards.py checks it against the sandbox's verdicts on every template."""
+    Compiled with ``optimize=0``: under ``python -O`` an assert would otherwise vanish and every wrong
+    solution pass. tests/test_rewards.py checks it against the sandbox on every solution of every template."""
     namespace: dict[str, Any] = {}
     try:
-        exec(compile(code, "<synthetic solution>", "exec"), namespace)
+        exec(compile(code, "<synthetic solution>", "exec", optimize=0), namespace)
     except Exception:
         return 0.0
     passed = 0
     for test in tests:
         try:
-            exec(compile(test, "<synthetic test>", "exec"), dict(namespace))
+            exec(compile(test, "<synthetic test>", "exec", optimize=0), dict(namespace))
         except Exception:  # a failed assert, or a wrong solution that raises
             continue
         passed += 1
@@ -120,7 +121,8 @@ def coderl_rows(
 ) -> list[dict[str, Any]]:
     """Offline code-RL rows: fenced responses (a seeded mix of reference and wrong solutions) with
     rewards ``2 * pass_fraction - 1`` from running them against the problem's tests
-    (`template_pass_fraction`: the sandbox's count, without a sandbox per row)."""
+    (`template_pass_fraction`: the sandbox's count, without a sandbox per row). Runs the problems' code in
+    this process: only for trusted, template-built `Problem`s (`generate_problems`), never model output."""
     if responses_per_problem < 1:
         raise ValueError("responses_per_problem must be >= 1")
     rows = []
