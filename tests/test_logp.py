@@ -194,6 +194,19 @@ def test_import_old_pickles(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_run_logp_script_default_token_budget_is_8_rows_of_ml():
+    env = {**os.environ, "dryrun": "1", "gpu": "0", "ml": "96"}
+    env.pop("bsz", None)
+    out = subprocess.run(["bash", str(REPO / "scripts/run_logp.sh"), "d/", "m", "t1"], capture_output=True,
+                         text=True, env=env, check=True).stdout.split()  # fmt: skip
+    for flag, value in (
+        ("--max_length", "96"),
+        ("--token_budget", str(8 * 96)),
+        ("--output_dir", "d_t1_logp"),
+    ):
+        assert out[out.index(flag) + 1] == value, flag
+
+
 def test_launch_command_for_multi_node():
     env = {**os.environ, "dryrun": "1", "gpu": "8", "WORKER_NUM": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0",
            "MASTER_PORT": "1234", "bsz": "4", "ml": "1000"}  # fmt: skip
