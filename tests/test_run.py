@@ -365,7 +365,8 @@ def test_multi_node_runs_substitute_launch_settings_per_node(tmp_path, calls, mo
   - name: b
     stage: logp
     args: {data_path: "${a.output_dir}", max_length: 64}
-    launch: {num_machines: 2, machine_rank: "${env.NODE_RANK}", main_process_ip: "${env.MASTER_ADDR}"}
+    launch: {num_machines: 2, num_processes: 1, machine_rank: "${env.NODE_RANK}",
+             main_process_ip: "${env.MASTER_ADDR}"}
 """
     path = write_pipeline(tmp_path / "p.yaml", stages)
     monkeypatch.setenv("MASTER_ADDR", "node0")
@@ -378,6 +379,7 @@ def test_multi_node_runs_substitute_launch_settings_per_node(tmp_path, calls, mo
     run.main([path])
     assert [stage for stage, _ in made] == ["prepare"]
     assert arg(launched[0], "machine_rank") == "0" and arg(launched[0], "main_process_ip") == "node0"
+    assert arg(launched[0], "num_processes") == "1"  # a value of 1 is a value, not a bare flag (1 == True)
     # a change to the launched stage: node 1 joins it with its own rank and leaves the marker to node 0
     path = write_pipeline(tmp_path / "p.yaml", stages.replace("max_length: 64", "max_length: 128"))
     monkeypatch.setenv("NODE_RANK", "1")

@@ -44,27 +44,18 @@ TRAINED_BY = {"base": ("tiny",), "sft": ("sft",), "ips": ("prepare", "logp", "ip
 ROUND_STAGES = ("collect", "prepare", "logp", "ips")
 
 
-def stage_seconds(output_dir: Path) -> dict[str, float]:
-    """Each stage's wall time, from the runner's records (`.pipeline/<stage>.json`)."""
-    seconds = {}
-    for marker in (output_dir / ".pipeline").glob("*.json"):
-        try:
-            value = json.loads(marker.read_text()).get("seconds")
-        except ValueError:
-            continue
-        if isinstance(value, (int, float)):
-            seconds[marker.stem] = float(value)
-    return seconds
+def policy_seconds(name: str, output_dir: Path) -> float | None:
+    """The wall time of the stages that made policy `name` from its start, from the runner's record of each
+    (None if one is unknown)."""
+    from pipeline.stages.run.plan import read_marker
 
-
-def policy_seconds(name: str, seconds: dict[str, float]) -> float | None:
-    """The wall time of the stages that made policy `name` from its start (None if one is unknown)."""
     stages = TRAINED_BY.get(name) or (
         tuple(f"{name}-{s}" for s in ROUND_STAGES) if name.startswith("round_") else ()
     )
-    if not stages or any(s not in seconds for s in stages):
+    seconds = [(read_marker(output_dir, stage) or {}).get("seconds") for stage in stages]
+    if not stages or not all(isinstance(value, (int, float)) for value in seconds):
         return None
-    return round(sum(seconds[s] for s in stages), 1)
+    return round(sum(seconds), 1)
 
 
 def pass_at_1_table(output_dir: Path) -> list[dict]:
@@ -75,7 +66,6 @@ def pass_at_1_table(output_dir: Path) -> list[dict]:
         raise PipelineError(f"{info_path}: missing; the eval stage did not complete")
     info = json.loads(info_path.read_text())
     metrics = info["metrics"]
-    seconds = stage_seconds(output_dir)
     rows = []
     for name in info.get("config", {}).get("model_names") or []:
         if f"{name}/pass@1" in metrics:
@@ -83,7 +73,7 @@ def pass_at_1_table(output_dir: Path) -> list[dict]:
                          "ci_low": metrics.get(f"{name}/pass@1_ci_low"),
                          "ci_high": metrics.get(f"{name}/pass@1_ci_high"),
                          "interval": metrics.get(f"{name}/pass@1_interval"),
-                         "n": metrics.get("num_prompts"), "seconds": policy_seconds(name, seconds)})  # fmt: skip
+                         "n": metrics.get("num_prompts"), "seconds": policy_seconds(name, output_dir)})  # fmt: skip
     return rows
 
 

@@ -15,7 +15,14 @@ from pipeline import outputs
 from pipeline.errors import PipelineError
 from pipeline.redaction import redact_argv
 from pipeline.runinfo import atomic_write_text
-from pipeline.stages.run.plan import STALE, PlannedStage, marker_path, plan_point
+from pipeline.stages.run.plan import (
+    STALE,
+    PlannedStage,
+    marker_path,
+    output_complete,
+    plan_point,
+    read_marker,
+)
 from pipeline.stages.run.spec import Pipeline
 
 
@@ -53,11 +60,7 @@ def run_stage(stage: PlannedStage, log) -> float:
         f"[{stage.spec.name}] {stage.reason}: pipeline {stage.spec.stage} {' '.join(redact_argv(stage.argv()))}"
     )
     if stage.spec.launch:
-        result = subprocess.run(launch_command(stage), check=False)
-        if result.returncode != 0:
-            raise PipelineError(
-                f"stage '{stage.spec.name}' failed (exit {result.returncode}); see its run.log"
-            )
+        launch(stage)
     else:
         run_in_process(stage.spec.stage, stage.argv())
     seconds = time.time() - started
@@ -86,47 +89,52 @@ def node_rank() -> int:
     return int(value)
 
 
-def wait_for_node_zero(stage: PlannedStage, log) -> dict:
-    """On another node, a stage without `launch:` runs on node 0 alone: wait for its marker."""
-    from pipeline.stages.run.plan import output_complete, read_marker
-
+def wait_for_node_zero(stage: PlannedStage, node: int, log) -> dict:
+    """On node `node` (> 0), a stage without `launch:` runs on node 0 alone: wait for its marker."""
     limit = float(os.environ.get("PIPELINE_NODE_WAIT_S", "86400"))
-    log(f"[{stage.spec.name}] node {node_rank()}: waiting for node 0 to run it (shared filesystem)")
+    log(f"[{stage.spec.name}] node {node}: waiting for node 0 to run it (shared filesystem)")
     started = time.time()
     while True:
         marker = read_marker(stage.run_dir, stage.spec.name) or {}
         if marker.get("fingerprint") == stage.fingerprint and output_complete(stage.output_dir):
             return {"stage": stage.spec.name, "action": "skip", "reason": "done by node 0"}
         if time.time() - started >= limit:
-            raise PipelineError(f"stage '{stage.spec.name}': node {node_rank()} waited {limit:g} s for node 0 to "
+            raise PipelineError(f"stage '{stage.spec.name}': node {node} waited {limit:g} s for node 0 to "
                                 "run it; node 0 must run the same pipeline, on a filesystem both nodes see")  # fmt: skip
         time.sleep(min(10.0, max(limit / 10, 0.05)))
 
 
 def launch_command(stage: PlannedStage) -> list[str]:
-    launch = dict(stage.launch or stage.spec.launch or {})
     # accelerate launch's arguments, through `pipeline.launch`: a stage's error is then one line, last
     command = [sys.executable, "-m", "pipeline.launch"]
-    for key, value in launch.items():
-        command += [f"--{key}"] if value in ("", True, None) else [f"--{key}", str(value)]  # a bare flag
+    for key, value in (stage.launch or {}).items():
+        bare = value is True or value is None or value == ""  # a flag without a value (`1 == True`: not bare)
+        command += [f"--{key}"] if bare else [f"--{key}", str(value)]
     return command + ["-m", "pipeline.cli", stage.spec.stage, *stage.argv()]
+
+
+def launch(stage: PlannedStage, where: str = "") -> None:
+    """Run a `launch:` stage's processes of this node (`where`: which node, for the error)."""
+    result = subprocess.run(launch_command(stage), check=False)
+    if result.returncode != 0:
+        raise PipelineError(
+            f"stage '{stage.spec.name}' failed{where} (exit {result.returncode}); see its run.log"
+        )
 
 
 def run_point(pipe: Pipeline, point: dict, force_from: str | None, dry_run: bool, log) -> list[dict]:
     planned = plan_point(pipe, point, force_from)
+    node = node_rank()
     records = []
     for stage in planned:
-        if not dry_run and stage.action == "run" and node_rank() > 0:
+        if not dry_run and stage.action == "run" and node > 0:
             # another node: its processes join each launched stage; node 0 alone runs the others and
             # writes every marker and set-aside
             if stage.spec.launch:
-                result = subprocess.run(launch_command(stage), check=False)
-                if result.returncode != 0:
-                    raise PipelineError(f"stage '{stage.spec.name}' failed on node {node_rank()} (exit "
-                                        f"{result.returncode})")  # fmt: skip
-                records.append({"stage": stage.spec.name, "action": "ran", "reason": f"node {node_rank()}"})
+                launch(stage, f" on node {node}")
+                records.append({"stage": stage.spec.name, "action": "ran", "reason": f"node {node}"})
             else:
-                records.append(wait_for_node_zero(stage, log))
+                records.append(wait_for_node_zero(stage, node, log))
             continue
         if dry_run or stage.action == "skip":
             log(f"[{stage.spec.name}] {stage.action}: {stage.reason}" + ("" if stage.action == "skip" else
