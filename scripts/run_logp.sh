@@ -21,8 +21,6 @@ if [ $# -lt 3 ]; then
 fi
 datapath=${1%/}; modelpath=$2; tag=$3; shift 3
 source "$(dirname "$0")/_launch.sh"
-prepared_data "$datapath" "${rkey:-normalized_reward}" "${rspkey:-unprocessed_response}"
-datapath=$PREPARED
 path_name TAG "$tag"
 logp_ds=${ds:-ddp}
 ds_flags "$logp_ds"
@@ -31,6 +29,9 @@ if [ "$DS_KIND" != ddp ] && [ "$DS_KIND" != single ]; then
   logp_ds=ddp
 fi
 launch_prefix "$logp_ds"
+# a raw logged parquet is prepared (possibly long) only once the knobs above are known to be good
+prepared_data "$datapath" "${rkey:-normalized_reward}" "${rspkey:-unprocessed_response}"
+datapath=$PREPARED
 bsz=${bsz:-8}; ml=${ml:-2000}
 if [ -n "${out:-}" ] && [ -z "${logpout:-}" ]; then
   echo "run_logp.sh: out=$out is train.sh's model folder, not read here; the logps go to ${datapath}_${tag}_logp (set logpout= to move them)" >&2

@@ -30,11 +30,12 @@ fi
 datapath=${1%/}; modelpath=$2; tag=$3; rewardkey=$4; rspkey=$5; datafilter=$6; shift 6
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/_launch.sh"
+path_name TAG "$tag"; path_name REWARDKEY "$rewardkey"; path_name DATAFILTER "$datafilter"
+launch_prefix "${ds:-zero2}"
+# a raw logged parquet is prepared (possibly long) only once the knobs above are known to be good
 prepared_data "$datapath" "$rewardkey" "$rspkey"
 datapath=$PREPARED; trainkey=$rewardkey
 if [ "$RAW" = 1 ]; then trainkey=reward; fi
-path_name TAG "$tag"; path_name REWARDKEY "$rewardkey"; path_name DATAFILTER "$datafilter"
-launch_prefix "${ds:-zero2}"
 outdir=${out:-${datapath}_${tag}_ips_${rewardkey}_${datafilter}_lr${lr:-1}_kl${kl:-0.5}_bs${bsz:-4}x${gacc:-8}_ml${ml:-2000}_ep${numepoch:-3}}
 report=(--report_to none)
 # the W&B run is named from the knobs, as the old scripts did (the output folder's name holds them all)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import prepared_shards, read_json_object, sha256_file
+from pipeline.data import cached_sha256, prepared_shards, read_json_object
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger("pipeline.logp_store")
@@ -50,38 +49,6 @@ LOGP_SCHEMA = pa.schema(
 )
 # prepare manifest fields that change on every run and say nothing about the rows
 VOLATILE_PREPARE_FIELDS = ("seconds", "seconds_by_pass")
-
-
-def cache_dir() -> Path:
-    """Where the pipeline keeps what it can recompute (file hashes): $PIPELINE_CACHE_DIR, else
-    $XDG_CACHE_HOME/pipeline, else ~/.cache/pipeline."""
-    if os.environ.get("PIPELINE_CACHE_DIR"):
-        return Path(os.environ["PIPELINE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
-
-
-def cached_sha256(path: Path) -> str:
-    """sha256 of a file, remembered by (real path, size, mtime): a 14 GB reference is hashed once, not by
-    every rank of every job. The cache is a JSON file per file hashed; a changed file is hashed again."""
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    stamp = {"path": real, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    entry = cache_dir() / "sha256" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
-    try:
-        known = json.loads(entry.read_text())
-        if {k: known.get(k) for k in stamp} == stamp:
-            return known["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = sha256_file(real)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**stamp, "sha256": digest}))
-        os.replace(tmp, entry)
-    except OSError:  # a read-only home: hash again next time
-        pass
-    return digest
 
 
 def model_fingerprint(model_dir: str) -> str:

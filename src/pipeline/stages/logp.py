@@ -167,9 +167,11 @@ def part_path(output_dir: Path, split: str, index: int) -> Path:
     return output_dir / f"{split}-part-{index:05d}.parquet"
 
 
-def _column(files, name: str, kind) -> pa.Array:
-    arrays = [pq.read_table(f, columns=[name]).column(name).combine_chunks() for f in files]
-    return pa.concat_arrays(arrays) if arrays else pa.array([], kind)
+def _columns(files, kinds: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """The named columns of the parquet `files`, concatenated (each file read once)."""
+    tables = [pq.read_table(f, columns=list(kinds)) for f in files]
+    return {name: pa.concat_arrays([t.column(name).combine_chunks() for t in tables]) if tables
+            else pa.array([], kind) for name, kind in kinds.items()}  # fmt: skip
 
 
 def verify_output(output_dir: Path, inputs: list[SplitInput]) -> tuple[dict[str, int], dict[str, int]]:
@@ -177,10 +179,11 @@ def verify_output(output_dir: Path, inputs: list[SplitInput]) -> tuple[dict[str,
     per row); (rows per split, rows per split whose response was cut to fit max_length)."""
     counts, truncated = {}, {}
     for split in inputs:
-        expected = _column(split.files, "uid", pa.string())
-        parts = sorted(output_dir.glob(f"{split.name}-part-*.parquet"))
-        got = _column(parts, "uid", pa.string())
-        truncated[split.name] = int(pc.sum(_column(parts, "truncated", pa.bool_())).as_py() or 0)
+        expected = _columns(split.files, {"uid": pa.string()})["uid"]
+        written = _columns(sorted(output_dir.glob(f"{split.name}-part-*.parquet")),
+                           {"uid": pa.string(), "truncated": pa.bool_()})  # fmt: skip
+        got = written["uid"]
+        truncated[split.name] = int(pc.sum(written["truncated"]).as_py() or 0)
         if len(got) != len(expected) or pc.count_distinct(got).as_py() != len(got):
             raise PipelineError(f"{output_dir}: split '{split.name}' has {len(got)} logp rows for "
                                 f"{len(expected)} input rows (or repeated uids); rerun to finish it")  # fmt: skip

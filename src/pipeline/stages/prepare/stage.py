@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline import outputs
 from pipeline.configs import parse_stage_args
-from pipeline.data import prepared_shards, resolve_files, sha256_file
+from pipeline.data import cached_sha256, prepared_shards, resolve_files
 from pipeline.errors import PipelineError
 from pipeline.models import check_model_dir
 from pipeline.runinfo import atomic_write_text
@@ -163,7 +163,9 @@ def build_manifest(cfg, sources, rows_in, rows_out, drops, tok_fingerprint, star
     return {
         "schema_version": SCHEMA_VERSION,
         "stage": "prepare",
-        "sources": [{"path": os.path.abspath(p), "rows": r, "sha256": sha256_file(p)} for p, _, r in sources],
+        "sources": [
+            {"path": os.path.abspath(p), "rows": r, "sha256": cached_sha256(Path(p))} for p, _, r in sources
+        ],
         "rows_in": rows_in,
         "rows_out": rows_out,
         "drops": drops,
@@ -179,11 +181,9 @@ def build_manifest(cfg, sources, rows_in, rows_out, drops, tok_fingerprint, star
     }
 
 
-def reusable(cfg: PrepareConfig, files: list[str]) -> dict | None:
+def reusable(cfg: PrepareConfig, files: list[str], tok_fingerprint: str | None) -> dict | None:
     """The manifest of output_dir when it is a complete prepare output of these very files (path, size,
-    sha256: cached per size and mtime) with the same output-deciding settings; else None."""
-    from pipeline.logp_store import cached_sha256
-
+    sha256: cached per size and mtime) with the same output-deciding settings and tokenizer; else None."""
     path = Path(cfg.output_dir) / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
@@ -193,11 +193,12 @@ def reusable(cfg: PrepareConfig, files: list[str]) -> dict | None:
         return None
     ours = {k: v for k, v in asdict(cfg).items() if k not in PrepareConfig.NOT_OUTPUT}
     theirs = {k: v for k, v in (manifest.get("config") or {}).items() if k not in PrepareConfig.NOT_OUTPUT}
-    if ours != theirs or manifest.get("tokenizer_fingerprint") != tokenizer_fingerprint_of(cfg):
+    if ours != theirs or manifest.get("tokenizer_fingerprint") != tok_fingerprint:
         return None
     recorded = [(s.get("path"), s.get("sha256")) for s in manifest.get("sources") or []]
-    current = [(os.path.abspath(f), cached_sha256(Path(f))) for f in files]
-    return manifest if recorded == current else None
+    if [path for path, _ in recorded] != [os.path.abspath(f) for f in files]:  # before hashing anything
+        return None
+    return manifest if [sha for _, sha in recorded] == [cached_sha256(Path(f)) for f in files] else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -205,14 +206,14 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     views = check_config(cfg)
     out, files = Path(cfg.output_dir), resolve_files(cfg.data_path, "data_path")
-    if cfg.reuse and (manifest := reusable(cfg, files)) is not None:
+    tok_fingerprint = tokenizer_fingerprint_of(cfg)
+    if cfg.reuse and (manifest := reusable(cfg, files, tok_fingerprint)) is not None:
         logger.info("prepare: %s is complete, from the same files and settings: reused", out)
         print(json.dumps({"output_dir": str(out), "reused": True, "rows_in": manifest["rows_in"],
                           "rows_out": manifest["rows_out"], "drops": manifest["drops"]}))  # fmt: skip
         return manifest
     inputs = [*files, cfg.tokenizer_name_or_path]
     outputs.check_replaceable(out, "prepare", inputs)
-    tok_fingerprint = tokenizer_fingerprint_of(cfg)
 
     # pass 1: validate everything and decide each row's fate before writing anything
     sources = open_sources(files)
