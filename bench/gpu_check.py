@@ -137,7 +137,14 @@ def train_variant(name: str, work: Path, gpu: bool) -> dict:
             "peak_gib": round(peak_gib(), 3), "steps": steps, "batch": batch}  # fmt: skip
 
 
-def scoring_variants(work: Path, gpu: bool, out: Path) -> list[dict]:
+def child_json(cmd: list[str]) -> dict:
+    """Run a variant's child process; its result is the JSON object on the last line it prints."""
+    return json.loads(
+        subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    )
+
+
+def scoring_variants(work: Path, gpu: bool) -> list[dict]:
     """bench/logp_bench.py's variants, each in a child, and their distance to an fp32 naive reference."""
     import numpy as np
 
@@ -152,13 +159,7 @@ def scoring_variants(work: Path, gpu: bool, out: Path) -> list[dict]:
         attn = ["--attn", "flex_attention"] if key == "packed" and gpu else []
         argv = [*shape, *flags, *attn, "--save", str(path)]
         if in_child(gpu, index):
-            cmd = [sys.executable, str(HERE / "logp_bench.py"), *argv]
-            line = (
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            result = json.loads(line)
+            result = child_json([sys.executable, str(HERE / "logp_bench.py"), *argv])
         else:
             import logp_bench  # bench/ is on sys.path: this script runs from there
 
@@ -205,16 +206,14 @@ def main() -> None:
     started = time.time()
     (out / "env.json").write_text(json.dumps(environment(gpu), indent=2) + "\n")
     (work / "workspace.json").write_text(json.dumps(build_workspace(work, gpu)))
-    results = scoring_variants(work, gpu, out)
+    results = scoring_variants(work, gpu)
     for index, name in enumerate(("sft trl defaults", "sft ours", "ips ours")):
         if in_child(gpu, index):
-            cmd = [sys.executable, __file__, "--out", str(out), "--work", str(work), "--child", name]
-            line = (
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-                .stdout.strip()
-                .splitlines()[-1]
+            results.append(
+                child_json(
+                    [sys.executable, __file__, "--out", str(out), "--work", str(work), "--child", name]
+                )
             )
-            results.append(json.loads(line))
         else:
             results.append(train_variant(name, work, gpu))
     results.append(check_prediction(work, gpu, results[-1]))
